@@ -1,0 +1,86 @@
+"""The registry of metric names that reports carry and rule expressions may use.
+
+Rule files are validated against this table at load time, so a typo in a `when`
+expression is an error before any tensor is read, and a rule whose metrics a run
+did not measure is reported as skipped rather than passed. Adding a metric is one
+entry here plus the code that measures it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Scope = Literal["layer", "model", "setting"]
+Phase = Literal["static", "dynamic"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    scopes: tuple[Scope, ...]
+    phase: Phase
+    description: str
+    # True when the value depends on the setting (format, rank, lr...): a layer rule
+    # using only setting-independent metrics is evaluated once per layer, not once
+    # per setting, so a NaN weight is reported once rather than once per format.
+    per_setting: bool = True
+
+
+_L: tuple[Scope, ...] = ("layer",)
+_LM: tuple[Scope, ...] = ("layer", "model")
+_M: tuple[Scope, ...] = ("model",)
+
+_METRICS: tuple[Metric, ...] = (
+    # --- static: from the checkpoint alone -------------------------------------------
+    Metric("params", _LM, "static", "number of parameters", per_setting=False),
+    Metric("nonfinite", _LM, "static", "count of NaN/Inf weights", per_setting=False),
+    Metric("nonfinite_frac", _LM, "static", "fraction of NaN/Inf weights", per_setting=False),
+    Metric("zero_frac", _LM, "static", "fraction of weights exactly zero", per_setting=False),
+    Metric("stable_rank", _L, "static", "||W||_F^2 / ||W||_2^2 (with --spectral)", per_setting=False),
+    Metric("effective_rank", _L, "static", "exp(entropy of normalized singular values) (with --spectral)", per_setting=False),
+    Metric("rel_error", _LM, "static", "||Q(W) - W|| / ||W|| in the format"),
+    Metric("sqnr_db", _LM, "static", "signal-to-quantization-noise ratio, dB"),
+    Metric("saturated", _LM, "static", "fraction of weights beyond the largest finite value"),
+    Metric("flushed", _LM, "static", "fraction of nonzero weights that quantize to zero"),
+    Metric("ulp_rel_median", _LM, "static", "median of ULP(w)/|w| over nonzero weights"),
+    Metric("beta_pred", _LM, "static", "fraction of weights an Adam-like step of size lr moves by more than ULP/2"),
+    Metric("lr", ("layer", "model", "setting"), "static", "the planned learning rate"),
+    Metric("bits", ("layer", "model", "setting"), "static", "bits per element of the weight format"),
+    # --- dynamic: from probe bursts (v0.2) -----------------------------------------
+    Metric("psi", _LM, "dynamic", "gradient capture ||P_S g|| / ||g|| by the realized subspace"),
+    Metric("psi_rank", _LM, "dynamic", "capture by the best subspace of the setting's rank"),
+    Metric("psi_val", _M, "dynamic", "psi on the held-out batch"),
+    Metric("r_star", _L, "dynamic", "smallest rank whose best subspace captures psi_target"),
+    Metric("p_t", _M, "dynamic", "fraction of sampled admissible moves that lower the realized loss"),
+    Metric("p_t_lo", _M, "dynamic", "lower end of the 95% Wilson interval of p_t"),
+    Metric("p_t_hi", _M, "dynamic", "upper end of the 95% Wilson interval of p_t"),
+    Metric("p_t_uniform", _M, "dynamic", "p_t under the uniform-on-sphere proposal"),
+    Metric("p_t_val", _M, "dynamic", "p_t judged on the held-out loss"),
+    Metric("p_t_surrogate", _L, "dynamic", "per-layer surrogate p_t: fraction with g^T u < 0"),
+    Metric("blocked", _M, "dynamic", "fraction of proposed moves that quantize to zero"),
+    Metric("beta", _LM, "dynamic", "fraction of weights whose lattice cell changed in a step"),
+    Metric("beta_min", _LM, "dynamic", "smallest per-step beta of the burst"),
+    Metric("beta_proposed", _LM, "dynamic", "fraction of proposed steps larger than ULP/2"),
+    Metric("beta_eff", _M, "dynamic", "fraction of probed activation tensors whose cell ids changed"),
+    Metric("beta_eff_elem", _LM, "dynamic", "fraction of activation elements whose cell changed"),
+    Metric("ulp_mass_above_half", _L, "dynamic", "histogram mass of |delta|/ULP above 0.5"),
+    Metric("loss", _M, "dynamic", "realized training loss at the end of the burst"),
+    Metric("val_loss", _M, "dynamic", "held-out loss at the end of the burst"),
+    Metric("loss_delta", _M, "dynamic", "realized loss change over the burst"),
+)
+
+METRICS: dict[str, Metric] = {m.name: m for m in _METRICS}
+
+
+def get_metric(name: str) -> Metric:
+    from .errors import UnknownNameError
+
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise UnknownNameError("metric", name, sorted(METRICS)) from None
+
+
+def metric_names(scope: Scope | None = None) -> list[str]:
+    return sorted(n for n, m in METRICS.items() if scope is None or scope in m.scopes)
