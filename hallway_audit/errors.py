@@ -16,6 +16,8 @@ class ExitCode(IntEnum):
     CHECKPOINT = 3  # checkpoint missing, unreadable, corrupt or unsupported
     RULES = 4  # invalid rule file
     OUTPUT = 5  # the report could not be written
+    RESOURCES = 6  # out of memory
+    INTERNAL = 70  # a bug in hallway-audit (EX_SOFTWARE); please report it
 
 
 class HallwayError(Exception):
@@ -61,3 +63,9 @@ class RuleFileError(HallwayError):
 
 class OutputError(HallwayError):
     exit_code = ExitCode.OUTPUT
+
+
+class ResourceError(HallwayError):
+    """Out of memory (host or device): the audit needs a smaller batch or another device."""
+
+    exit_code = ExitCode.RESOURCES

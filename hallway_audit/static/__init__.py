@@ -1,1 +1,8 @@
-"""static"""
+"""The static audit: figures from the weights alone, no data, no architecture (SPEC §5)."""
+
+from .audit import run_static
+from .result import LayerResult, StaticResult, TensorEntry
+from .spectral import spectral_figures
+from .tally import FormatTally, Tally
+
+__all__ = ["run_static", "StaticResult", "LayerResult", "TensorEntry", "Tally", "FormatTally", "spectral_figures"]

@@ -1,0 +1,5 @@
+"""python -m hallway_audit"""
+
+from .cli import run
+
+run()

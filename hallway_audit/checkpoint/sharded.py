@@ -1,0 +1,126 @@
+"""Several weight files read as one checkpoint: sharded indexes and bare directories.
+
+Shared by safetensors and torch shards so the index rules (every shard present,
+every mapped tensor where the index says) are checked the same way for both.
+Only one shard's handle is open at a time, so memory stays near one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from hallway_audit.errors import CheckpointError
+
+from .base import Checkpoint, TensorInfo, one_line, shown
+
+ShardOpener = Callable[[Path], Checkpoint]
+
+
+def load_index(index_path: Path) -> dict[str, str]:
+    """The weight_map of a *.index.json: tensor name -> shard file name."""
+    where = shown(index_path)
+    try:
+        data = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{where}: cannot read: {one_line(exc)}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: malformed index: not valid JSON ({one_line(exc)})") from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{where}: malformed index: no 'weight_map' object")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(
+                f"{where}: malformed index: tensor {name!r} maps to {shard!r}, not a file name"
+            )
+    return dict(weight_map)
+
+
+class ShardedCheckpoint(Checkpoint):
+    """Shards in order, each shard's tensors in its own file order."""
+
+    def __init__(
+        self,
+        path: Path,
+        kind: str,
+        shard_paths: list[Path],
+        open_shard: ShardOpener,
+        weight_map: dict[str, str] | None = None,
+        index_path: Path | None = None,
+    ) -> None:
+        super().__init__(path, kind)
+        self._shards: dict[Path, Checkpoint] = {}
+        self._current: Checkpoint | None = None
+        infos: list[TensorInfo] = []
+        wanted = _by_shard(weight_map) if weight_map is not None else None
+        missing = [p.name for p in shard_paths if not p.is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(
+                f"{shown(index_path or path)}: shard {missing[0]!r} is missing{more}"
+            )
+        try:
+            for shard_path in shard_paths:
+                shard = open_shard(shard_path)
+                shard._release()  # metadata is all we need now; reads reopen lazily
+                self._shards[shard_path] = shard
+                held = shard.infos()
+                if wanted is not None:
+                    names = wanted[shard_path.name]
+                    present = {i.name for i in held}
+                    absent = sorted(n for n in names if n not in present)
+                    if absent:
+                        raise CheckpointError(
+                            f"{shown(index_path or path)}: index maps {absent[0]!r} to "
+                            f"{shard_path.name!r}, but that shard does not hold it"
+                            + (f" ({len(absent) - 1} more missing)" if len(absent) > 1 else "")
+                        )
+                    held = [i for i in held if i.name in names]
+                infos.extend(held)
+            self._set_infos(infos)
+        except BaseException:
+            self._release()
+            raise
+        self._shard_of = {info.name: info.source for info in infos}
+
+    def _read(self, info: TensorInfo) -> torch.Tensor:
+        shard = self._shards[self._shard_of[info.name]]
+        if self._current is not shard:
+            if self._current is not None:
+                self._current._release()
+            self._current = shard
+        return shard.read(info.name)
+
+    def _release(self) -> None:
+        for shard in self._shards.values():
+            shard._release()
+        self._current = None
+
+
+def _by_shard(weight_map: dict[str, str]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for name, shard in weight_map.items():
+        out.setdefault(shard, set()).add(name)
+    return out
+
+
+def open_index(index_path: Path, kind: str, open_shard: ShardOpener, user_path: Path) -> Checkpoint:
+    """A checkpoint from a *.index.json, shards in sorted (shard-number) order."""
+    weight_map = load_index(index_path)
+    shard_paths = [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    return ShardedCheckpoint(user_path, kind, shard_paths, open_shard, weight_map, index_path)
+
+
+def find_one(directory: Path, pattern: str, preferred: str) -> Path | None:
+    """The file matching pattern in directory; `preferred` wins a tie, several others are an error."""
+    if (directory / preferred).is_file():
+        return directory / preferred
+    found = sorted(p for p in directory.glob(pattern) if p.is_file())
+    if len(found) > 1:
+        names = ", ".join(p.name for p in found)
+        raise CheckpointError(f"{shown(directory)}: several {pattern} files ({names}); name one")
+    return found[0] if found else None

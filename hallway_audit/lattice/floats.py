@@ -1,0 +1,151 @@
+"""IEEE-like binary floats, one parameterised class for all of them.
+
+The grid of a float with `mbits` mantissa bits and exponents emin..emax has, in
+binade e (2^e <= |v| < 2^(e+1), subnormals using e = emin), spacing
+2^(e - mbits). Rounding is done by scaling into integers: y / ulp is exact (ulp is
+a power of two and the quotient has at most mbits+1 significant bits), torch.round
+is round-half-to-even, and n * ulp is exact again. So the result is the correctly
+rounded (RNE) value without any bit twiddling of the storage format -- the same
+recipe torchao uses for its float8/MX emulation. Exponents come from torch.frexp
+(exact, subnormals included), powers of two are built from their bit pattern
+(exact on every device, unlike pow()).
+
+Saturation: values beyond max_finite (and +-inf) go to +-max_finite, even for
+formats that have an inf (e5m2, fp16, bf16, fp32): the spec asks for saturating
+casts, which is what fp8 training recipes use.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from hallway_audit.lattice.base import Format, Grid, Lattice, check_rounding, nan_cells, to_f32, uniform_like
+
+Special = Literal["ieee", "fn", "finite"]
+
+
+def exp2i(e: Tensor) -> Tensor:
+    """Exactly 2**e as float32 for integer e in [-149, 127], built from its bits."""
+    e = e.to(torch.int32)
+    normal = (e + 127).clamp(min=1) << 23  # biased exponent field, mantissa 0
+    sub = torch.ones_like(e) << (e + 149).clamp(0, 22)  # subnormal: one mantissa bit
+    return torch.where(e >= -126, normal, sub).view(torch.float32)
+
+
+def floor_log2(a: Tensor) -> Tensor:
+    """floor(log2 a) (int32) for finite positive float32 a, subnormals included.
+
+    frexp gives a = m * 2^k with m in [0.5, 1), so floor(log2 a) = k - 1. Zero,
+    inf and NaN give garbage the callers mask out.
+    """
+    return torch.frexp(a)[1] - 1
+
+
+class FloatGrid(Grid):
+    """Values of a float format with `ebits` exponent and `mbits` mantissa bits.
+
+    special: "ieee" = top exponent reserved for inf/NaN (fp32, bf16, fp16, e5m2);
+    "fn" = only all-ones is NaN, no inf (OCP e4m3fn: max 1.75 * 2^8 = 448);
+    "finite" = every pattern is a number (OCP MX fp6/fp4 elements).
+    """
+
+    def __init__(self, name: str, ebits: int, mbits: int, special: Special) -> None:
+        bias = 2 ** (ebits - 1) - 1
+        self.name, self.ebits, self.mbits, self.special = name, ebits, mbits, special
+        self.emin = 1 - bias
+        top = 2**ebits - 1 - bias  # largest exponent field, unbiased
+        if special == "ieee":
+            self.emax, frac_max = top - 1, 2.0 - 2.0**-mbits
+        elif special == "fn":
+            self.emax, frac_max = top, 2.0 - 2.0 ** (1 - mbits)  # mantissa all-ones is NaN
+        elif special == "finite":
+            self.emax, frac_max = top, 2.0 - 2.0**-mbits
+        else:
+            raise ValueError(f"unknown special-value layout {special!r}")
+        self.max_value = frac_max * 2.0**self.emax
+        self.smallest_positive = 2.0 ** (self.emin - mbits)
+        self.has_inf = special == "ieee"
+        self.has_nan = special != "finite"
+
+    def _ulp_exponent(self, a: Tensor) -> Tensor:
+        """Exponent of the spacing at |y| = a: binade clamped to [emin, emax]."""
+        e = floor_log2(a).clamp(self.emin, self.emax)
+        e = torch.where(a == 0, self.emin, e)  # frexp(0) has exponent 0, not emin
+        e = torch.where(a > self.max_value, self.emax, e)  # beyond max and inf: max's ulp
+        return e - self.mbits
+
+    def ulp(self, y: Tensor) -> Tensor:
+        u = exp2i(self._ulp_exponent(y.abs()))
+        return torch.where(torch.isnan(y), y, u)
+
+    def round(self, y: Tensor, u: Tensor | None = None) -> Tensor:
+        step = exp2i(self._ulp_exponent(y.abs()))
+        r = y / step  # exact: power-of-two divisor, result has <= mbits+1 bits
+        if u is None:
+            n = torch.round(r)  # half to even
+        else:
+            f = torch.floor(r)
+            n = f + (u < (r - f)).to(r.dtype)  # up with probability frac(r); exact
+        q = (n * step).clamp(-self.max_value, self.max_value)  # saturate; NaN passes
+        return torch.copysign(q, y)  # zero results keep x's sign, SR included
+
+    def cell_id(self, y: Tensor) -> Tensor:
+        # ordinal of |q|: (e - emin) * 2^mbits + integer significand at spacing 2^(e-mbits)
+        a = self.round(y).abs()
+        e = floor_log2(a).clamp(min=self.emin)
+        e = torch.where(a == 0, self.emin, e)
+        n = (a / exp2i(e - self.mbits)).to(torch.int64)
+        cid = (e - self.emin).to(torch.int64) * (1 << self.mbits) + n
+        cid = torch.where(y < 0, -cid, cid)
+        return nan_cells(cid, y)
+
+
+class PlainLattice(Lattice):
+    """A float format's lattice: no state, any shape."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+
+    @torch.no_grad()
+    def ulp(self, x: Tensor) -> Tensor:
+        return self.grid.ulp(to_f32(x))
+
+    @torch.no_grad()
+    def quantize(
+        self, x: Tensor, rounding: str = "nearest", generator: torch.Generator | None = None
+    ) -> Tensor:
+        mode = check_rounding(rounding)
+        y = to_f32(x)
+        return self.grid.round(y, uniform_like(y, generator) if mode == "stochastic" else None)
+
+    @torch.no_grad()
+    def cell_id(self, x: Tensor) -> Tensor:
+        return self.grid.cell_id(to_f32(x))
+
+    @torch.no_grad()
+    def max_abs(self, x: Tensor) -> Tensor:
+        y = to_f32(x)
+        return torch.full_like(y, self.grid.max_value)
+
+
+class FloatFormat(Format):
+    """A plain (unscaled) float format; every IEEE-like format is one instance."""
+
+    scaled = False
+
+    def __init__(
+        self, name: str, ebits: int, mbits: int, special: Special = "ieee", description: str = ""
+    ) -> None:
+        self.name = name
+        self.grid = FloatGrid(name, ebits, mbits, special)
+        self.bits = 1 + ebits + mbits
+        self.ebits, self.mbits = ebits, mbits
+        self.has_inf, self.has_nan = self.grid.has_inf, self.grid.has_nan
+        self.description = description or f"{self.bits}-bit float e{ebits}m{mbits}"
+        self._lattice = PlainLattice(self.grid)
+
+    def at(self, ref: Tensor) -> Lattice:
+        return self._lattice  # nothing to compute: a float lattice has no scale

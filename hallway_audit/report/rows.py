@@ -1,0 +1,83 @@
+"""What human formats share: layers ranked by their worst finding, numbers formatted once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..audit import AuditResult
+
+SEVERITY_ORDER = ("error", "warning", "info")
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}
+
+
+@dataclass
+class LayerRow:
+    index: int  # position in the checkpoint, the tie-break
+    layer: object  # static LayerResult
+    worst: str = "ok"
+    verdicts: list[str] = field(default_factory=list)
+
+
+def ranked_layers(result: AuditResult) -> list[LayerRow]:
+    rows = {layer.name: LayerRow(i, layer) for i, layer in enumerate(result.static.layers)}
+    for o in result.findings:
+        row = rows.get(o.subject.layer or "")
+        if row is None:
+            continue
+        if row.worst == "ok" or SEVERITY_ORDER.index(o.rule.severity) < SEVERITY_ORDER.index(row.worst):
+            row.worst = o.rule.severity
+        if o.rule.verdict not in row.verdicts:
+            row.verdicts.append(o.rule.verdict)
+    rank = {s: i for i, s in enumerate((*SEVERITY_ORDER, "ok"))}
+    return sorted(rows.values(), key=lambda r: (rank[r.worst], r.index))
+
+
+def severity_counts(result: AuditResult) -> dict[str, int]:
+    counts = dict.fromkeys(SEVERITY_ORDER, 0)
+    for o in result.findings:
+        counts[o.rule.severity] += 1
+    return counts
+
+
+def skipped_rules(result: AuditResult) -> dict[str, str]:
+    """Rules that were skipped on every subject they had: id -> reason."""
+    status: dict[str, set[str]] = {}
+    reason: dict[str, str] = {}
+    for o in result.outcomes:
+        status.setdefault(o.rule.id, set()).add(o.status)
+        if o.status == "skipped":
+            reason.setdefault(o.rule.id, o.message)
+    return {rid: reason[rid] for rid, st in status.items() if st == {"skipped"}}
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    if x is None:
+        return "-"
+    if 0 < x < 10 ** (-digits - 2):
+        return f"<{10 ** (-digits):.{digits}f}%"
+    return f"{100 * x:.{digits}f}%"
+
+
+def num(x: float | None, spec: str = ".3g") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "exact" if x > 0 else "-inf"
+    return format(x, spec)
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(n)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"

@@ -1,0 +1,153 @@
+"""The console report for people: summary panel, model table, ranked layers, findings."""
+
+from __future__ import annotations
+
+import io
+
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .base import Formatter, RenderOptions, register_formatter
+from .rows import (
+    SEVERITY_STYLE,
+    human_bytes,
+    human_count,
+    num,
+    pct,
+    ranked_layers,
+    severity_counts,
+    skipped_rules,
+)
+
+
+def _summary(result) -> Panel:
+    ck, st = result.checkpoint, result.static
+    counts = severity_counts(result)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    grid.add_row("checkpoint", f"{ck.path} ({ck.kind})")
+    speed = f", read in {st.seconds:.2g} s" if st.seconds > 0 else ""
+    grid.add_row("size", f"{human_count(ck.params)} params in {ck.tensors} tensors, {human_bytes(ck.bytes)}{speed}")
+    grid.add_row("plan", f"formats {', '.join(st.formats)}; lr {st.lr:g}")
+    grid.add_row("rules", ", ".join(result.ruleset.files) or "none")
+    found = Text()
+    for sev in ("error", "warning", "info"):
+        if found:
+            found.append(", ")
+        found.append(f"{counts[sev]} {sev}{'s' if counts[sev] != 1 else ''}", style=SEVERITY_STYLE[sev] if counts[sev] else "")
+    grid.add_row("findings", found)
+    gate = result.gate
+    verdict = Text("PASSED", style="bold green") if gate.passed else Text("FAILED", style="bold red")
+    verdict.append(f"  (fail-on {gate.fail_on}, exit {gate.exit_code})", style="dim")
+    grid.add_row("gate", verdict)
+    return Panel(grid, title="hallway-audit", title_align="left", box=box.ROUNDED)
+
+
+def _model_table(result) -> Table:
+    st = result.static
+    from ..lattice import get_format
+
+    t = Table(title="Whole model, per format", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("format", "bits", "rel err", "SQNR dB", "saturated", "flushed", "beta_pred", "med ulp/|w|"):
+        t.add_column(col, justify="left" if col == "format" else "right")
+    for fmt in st.formats:
+        s = st.model.formats[fmt].summary()
+        t.add_row(
+            fmt,
+            str(get_format(fmt).bits),
+            num(s["rel_error"]),
+            num(s["sqnr_db"], ".1f"),
+            pct(s["saturated"], 3),
+            pct(s["flushed"], 3),
+            pct(s["beta_pred"]),
+            num(s["ulp_rel_median"]),
+        )
+    return t
+
+
+def _layer_table(result, max_rows: int) -> tuple[Table, int]:
+    st = result.static
+    rows = ranked_layers(result)
+    t = Table(
+        title=f"Layers, most severe first (beta_pred at lr {st.lr:g})",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+    )
+    t.add_column("layer", overflow="fold")
+    t.add_column("params", justify="right")
+    for fmt in st.formats:
+        t.add_column(f"beta_pred {fmt}", justify="right")
+        t.add_column(f"SQNR {fmt}", justify="right")
+    t.add_column("verdict")
+    shown = rows if max_rows <= 0 else rows[:max_rows]
+    for row in shown:
+        layer = row.layer
+        cells = [layer.name, human_count(layer.tally.params)]
+        for fmt in st.formats:
+            s = layer.format_metrics(fmt)
+            cells += [pct(s["beta_pred"]), num(s["sqnr_db"], ".1f")]
+        label = ", ".join(row.verdicts) if row.verdicts else "ok"
+        if layer.tally.nonfinite:
+            cells[0] = f"{layer.name} ({layer.tally.nonfinite} non-finite)"
+        t.add_row(*cells, Text(label, style=SEVERITY_STYLE[row.worst]))
+    return t, len(rows) - len(shown)
+
+
+def _findings(result, max_rows: int) -> Table | None:
+    found = result.findings
+    if not found:
+        return None
+    t = Table(title="Findings", box=box.SIMPLE_HEAD, title_justify="left", show_header=True)
+    t.add_column("severity")
+    t.add_column("rule")
+    t.add_column("message", overflow="fold")
+    shown = found if max_rows <= 0 else found[:max_rows]
+    for o in shown:
+        t.add_row(Text(o.rule.severity, style=SEVERITY_STYLE[o.rule.severity]), o.rule.id, o.message)
+    if len(shown) < len(found):
+        t.caption = f"{len(found) - len(shown)} more findings: --max-rows 0 shows all, --format json lists them"
+    return t
+
+
+def build_report(result, options: RenderOptions) -> Group:
+    parts: list = [_summary(result), _model_table(result)]
+    layers, hidden = _layer_table(result, options.max_rows)
+    if hidden:
+        layers.caption = f"{hidden} more layers (--max-rows 0 shows all)"
+    parts.append(layers)
+    findings = _findings(result, options.max_rows)
+    if findings is not None:
+        parts.append(findings)
+    skipped = skipped_rules(result)
+    notes = list(result.notes)
+    if skipped:
+        notes.append(f"{len(skipped)} rules skipped, never evaluated: {', '.join(sorted(skipped))}")
+    if result.static.skipped:
+        notes.append(f"{len(result.static.skipped)} non-float tensors not audited")
+    for note in notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    return Group(*parts)
+
+
+@register_formatter
+class TableFormatter(Formatter):
+    name = "table"
+    machine = False
+    suffix = ".txt"
+
+    def render(self, result, options: RenderOptions) -> str:
+        buf = io.StringIO()
+        console = Console(
+            file=buf,
+            force_terminal=options.color,
+            no_color=not options.color,
+            color_system="256" if options.color else None,
+            width=options.width,
+            highlight=False,
+        )
+        console.print(build_report(result, options))
+        return buf.getvalue()

@@ -1,0 +1,107 @@
+"""Additive tallies: per-tensor sums that add up exactly to layer and model figures.
+
+Everything a report shows is a ratio of sums (or a quantile of a histogram), so a
+layer's figures are the sum of its tensors' tallies and the model's the sum of its
+layers' — no averaging of averages, and the checkpoint is visited once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+# ulp(w)/|w| spans ~2^-24 (fp32) to far above 1 (tiny weights in a coarse scaled
+# format). A log2 histogram with 1/32-octave bins keeps the median within 2.2% of
+# the exact value at a fixed 12 KiB per tally, so layers and the model merge exactly.
+HIST_LO, HIST_HI, HIST_PER_OCTAVE = -40, 24, 32
+HIST_BINS = (HIST_HI - HIST_LO) * HIST_PER_OCTAVE
+
+
+def log2_histogram(ratio: torch.Tensor) -> torch.Tensor:
+    """Counts of log2(ratio) in HIST_BINS bins (int64, on CPU); ratio must be > 0."""
+    idx = ((torch.log2(ratio) - HIST_LO) * HIST_PER_OCTAVE).floor_()
+    idx = idx.clamp_(0, HIST_BINS - 1).to(torch.int64)
+    return torch.bincount(idx.flatten(), minlength=HIST_BINS).cpu()
+
+
+def histogram_median(counts: torch.Tensor) -> float | None:
+    total = int(counts.sum())
+    if total == 0:
+        return None
+    i = int(torch.searchsorted(torch.cumsum(counts, 0), (total + 1) // 2))
+    return 2.0 ** (HIST_LO + (i + 0.5) / HIST_PER_OCTAVE)
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+@dataclass
+class FormatTally:
+    """What one number format does to a set of weights."""
+
+    n: int = 0  # finite weights
+    nonzero: int = 0
+    signal_sq: float = 0.0  # sum w^2, float64
+    error_sq: float = 0.0  # sum (Q(w) - w)^2
+    saturated: int = 0  # |w| beyond the largest representable magnitude
+    flushed: int = 0  # w != 0 but Q(w) == 0
+    movable: int = 0  # lr > ulp(w)/2: an Adam-like step of size lr leaves the cell
+    ulp_rel_hist: torch.Tensor = field(default_factory=lambda: torch.zeros(HIST_BINS, dtype=torch.int64))
+
+    def __iadd__(self, other: FormatTally) -> FormatTally:
+        self.n += other.n
+        self.nonzero += other.nonzero
+        self.signal_sq += other.signal_sq
+        self.error_sq += other.error_sq
+        self.saturated += other.saturated
+        self.flushed += other.flushed
+        self.movable += other.movable
+        self.ulp_rel_hist = self.ulp_rel_hist + other.ulp_rel_hist
+        return self
+
+    def summary(self) -> dict[str, float | None]:
+        rel = math.sqrt(self.error_sq / self.signal_sq) if self.signal_sq > 0 else None
+        if rel is None:
+            sqnr = None
+        elif rel == 0.0:
+            sqnr = math.inf
+        else:
+            sqnr = -20.0 * math.log10(rel)
+        return {
+            "rel_error": rel,
+            "sqnr_db": sqnr,
+            "saturated": _ratio(self.saturated, self.n),
+            "flushed": _ratio(self.flushed, self.nonzero),
+            "beta_pred": _ratio(self.movable, self.n),
+            "ulp_rel_median": histogram_median(self.ulp_rel_hist),
+        }
+
+
+@dataclass
+class Tally:
+    """Format-independent counts plus one FormatTally per planned format."""
+
+    params: int = 0
+    nonfinite: int = 0
+    zeros: int = 0
+    formats: dict[str, FormatTally] = field(default_factory=dict)
+
+    def __iadd__(self, other: Tally) -> Tally:
+        self.params += other.params
+        self.nonfinite += other.nonfinite
+        self.zeros += other.zeros
+        for name, ft in other.formats.items():
+            self.formats.setdefault(name, FormatTally())
+            self.formats[name] += ft
+        return self
+
+    def basics(self) -> dict[str, float | int | None]:
+        return {
+            "params": self.params,
+            "nonfinite": self.nonfinite,
+            "nonfinite_frac": _ratio(self.nonfinite, self.params),
+            "zero_frac": _ratio(self.zeros, self.params),
+        }

@@ -1,0 +1,1 @@
+"""Bundled rule files (YAML), shipped as package data; see hallway_audit.rules."""

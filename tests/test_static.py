@@ -1,0 +1,120 @@
+"""The static audit's figures, checked against direct computation with ml_dtypes."""
+
+from __future__ import annotations
+
+import math
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from hallway_audit.checkpoint import open_checkpoint
+from hallway_audit.lattice import get_format
+from hallway_audit.static import run_static, spectral_figures
+from hallway_audit.static.measure import measure_tensor
+from hallway_audit.static.tally import HIST_PER_OCTAVE, histogram_median, log2_histogram
+
+from helpers import tiny_mlp_state, write_safetensors
+
+
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return x.astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def test_beta_pred_counts_weights_whose_half_ulp_is_below_lr():
+    # bf16: ulp(1.0) = 2^-7, ulp(2^-10) = 2^-17. At lr 1e-4, 2^-8 > lr: 1.0 is stuck,
+    # 2^-17 / 2 < lr: 2^-10 moves. Zero's ulp is the smallest subnormal: it moves.
+    w = torch.tensor([1.0, 1.5, 2.0**-10, 0.0, -(2.0**-10)])
+    t = measure_tensor(w, {"bf16": get_format("bf16")}, lr=1e-4)
+    assert t.formats["bf16"].movable == 3
+    assert t.formats["bf16"].summary()["beta_pred"] == pytest.approx(3 / 5)
+    # At lr = exactly ulp(1.0)/2 the step does not exceed half an ulp: still stuck.
+    t = measure_tensor(torch.tensor([1.0]), {"bf16": get_format("bf16")}, lr=2.0**-8)
+    assert t.formats["bf16"].movable == 0
+
+
+def test_relative_error_and_sqnr_match_ml_dtypes_cast():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(256, 64, generator=g) * 0.02
+    t = measure_tensor(w, {"bf16": get_format("bf16")}, lr=1e-4).formats["bf16"].summary()
+    x = w.numpy()
+    want = np.linalg.norm((_bf16(x) - x).astype(np.float64)) / np.linalg.norm(x.astype(np.float64))
+    assert t["rel_error"] == pytest.approx(want, rel=1e-9)
+    assert t["sqnr_db"] == pytest.approx(-20 * math.log10(want), rel=1e-9)
+
+
+def test_saturation_and_flush_to_zero_in_fp8():
+    w = torch.tensor([1000.0, -449.0, 448.0, 1e-9, 0.0, 1.0])
+    s = measure_tensor(w, {"fp8_e4m3": get_format("fp8_e4m3")}, lr=1e-4).formats["fp8_e4m3"].summary()
+    assert s["saturated"] == pytest.approx(2 / 6)  # beyond 448; 448 itself is on the lattice
+    assert s["flushed"] == pytest.approx(1 / 5)  # 1e-9 of the five nonzero weights
+
+
+def test_exact_format_has_zero_error_and_infinite_sqnr():
+    s = measure_tensor(torch.randn(100), {"fp32": get_format("fp32")}, lr=1e-4).formats["fp32"].summary()
+    assert s["rel_error"] == 0.0 and s["sqnr_db"] == math.inf
+
+
+def test_nonfinite_weights_are_counted_and_left_out_of_format_figures():
+    w = torch.tensor([float("nan"), float("inf"), 0.5, 0.0])
+    t = measure_tensor(w, {"bf16": get_format("bf16")}, lr=1.0)
+    assert t.nonfinite == 2 and t.zeros == 1 and t.params == 4
+    s = t.formats["bf16"].summary()
+    assert s["beta_pred"] == 1.0  # both finite weights move at lr 1; NaN/Inf not counted
+    assert s["rel_error"] == 0.0 and s["saturated"] == 0.0
+
+
+def test_histogram_median_is_within_its_stated_resolution():
+    g = torch.Generator().manual_seed(0)
+    r = torch.exp(torch.randn(100_001, generator=g) * 3)
+    got = histogram_median(log2_histogram(r))
+    exact = float(r.median())
+    assert abs(math.log2(got) - math.log2(exact)) <= 1 / HIST_PER_OCTAVE
+
+
+def test_run_static_groups_layers_and_tallies_add_up(tmp_path):
+    state = tiny_mlp_state()
+    state["step"] = torch.tensor([7], dtype=torch.int64)
+    path = write_safetensors(tmp_path / "m.safetensors", state)
+    with open_checkpoint(path) as ckpt:
+        res = run_static(ckpt, ["bf16", "fp8_e4m3"], lr=1e-4)
+    names = [layer.name for layer in res.layers]
+    assert names == sorted(names, key=names.index)  # checkpoint order kept
+    assert set(names) == {"net.0", "norm", "net.2"}
+    assert res.layer("net.0").tally.params == 64 * 32 + 64
+    assert [n for n, _ in res.skipped] == ["step"]
+    assert res.model.params == sum(layer.tally.params for layer in res.layers)
+    for fmt in ("bf16", "fp8_e4m3"):
+        assert res.model.formats[fmt].movable == sum(layer.tally.formats[fmt].movable for layer in res.layers)
+    # RMSNorm weights of exactly 1.0 cannot move in bf16 at lr 1e-4 (half ulp = 2^-8).
+    assert res.layer("norm").format_metrics("bf16")["beta_pred"] == 0.0
+
+
+def test_bf16_stored_checkpoint_is_exact_in_bf16(tmp_path):
+    state = {k: v.to(torch.bfloat16) for k, v in tiny_mlp_state().items()}
+    path = write_safetensors(tmp_path / "b.safetensors", state)
+    with open_checkpoint(path) as ckpt:
+        res = run_static(ckpt, ["bf16"], lr=1e-4)
+    assert res.model.formats["bf16"].summary()["rel_error"] == 0.0
+    assert res.layers[0].tensors[0].dtype == "bfloat16"
+
+
+def test_spectral_figures_of_known_matrices():
+    rank1 = torch.outer(torch.arange(1.0, 5.0), torch.ones(3))
+    s = spectral_figures(rank1)
+    assert s["stable_rank"] == pytest.approx(1.0) and s["effective_rank"] == pytest.approx(1.0, abs=1e-6)
+    eye = torch.eye(6)
+    s = spectral_figures(eye)
+    assert s["stable_rank"] == pytest.approx(6.0) and s["effective_rank"] == pytest.approx(6.0)
+    assert spectral_figures(torch.ones(5))["stable_rank"] is None
+
+
+def test_spectral_is_opt_in(tmp_path):
+    path = write_safetensors(tmp_path / "m.safetensors", tiny_mlp_state())
+    with open_checkpoint(path) as ckpt:
+        off = run_static(ckpt, ["bf16"], lr=1e-4)
+        on = run_static(ckpt, ["bf16"], lr=1e-4, spectral=True)
+    assert off.layer("net.0").spectral is None
+    assert 1.0 <= on.layer("net.0").spectral["stable_rank"] <= 32
+    assert on.layer("norm").spectral == {"stable_rank": None, "effective_rank": None}
