@@ -222,7 +222,12 @@ def test_default_yaml_static_run() -> None:
         if rule.phase == "dynamic":
             assert s[rule.id]["fired"] == s[rule.id]["passed"] == 0
             assert all(o.message.startswith("not measured") for o in by_rule(out, rule.id))
-    assert gate(out, "error") is False
+    # The static prediction is a warning in default.yaml (master weights are unknown
+    # statically) and an error in strict.yaml.
+    assert stuck.rule.severity == "warning"
+    assert gate(out, "error") is True and gate(out, "warning") is False
+    strict = evaluate(load_rules(["strict.yaml"]), subjects)
+    assert gate(strict, "error") is False
 
 
 def test_default_yaml_dynamic_messages() -> None:

@@ -35,6 +35,28 @@ def ranked_layers(result: AuditResult) -> list[LayerRow]:
     return sorted(rows.values(), key=lambda r: (rank[r.worst], r.index))
 
 
+@dataclass
+class FindingGroup:
+    """Findings of one rule in one setting: shown as one line with the layers it names."""
+
+    first: object  # the first Outcome, whose message is shown
+    layers: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return max(1, len(self.layers))
+
+
+def grouped_findings(result: AuditResult) -> list[FindingGroup]:
+    groups: dict[tuple, FindingGroup] = {}
+    for o in result.findings:
+        key = (o.rule.id, o.subject.setting, o.subject.scope)
+        group = groups.setdefault(key, FindingGroup(o))
+        if o.subject.layer:
+            group.layers.append(o.subject.layer)
+    return list(groups.values())
+
+
 def severity_counts(result: AuditResult) -> dict[str, int]:
     counts = dict.fromkeys(SEVERITY_ORDER, 0)
     for o in result.findings:

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from .base import Formatter, RenderOptions, register_formatter
 from .rows import (
+    grouped_findings,
     SEVERITY_STYLE,
     human_bytes,
     human_count,
@@ -77,11 +78,12 @@ def _layer_table(result, max_rows: int) -> tuple[Table, int]:
         box=box.SIMPLE_HEAD,
         title_justify="left",
     )
-    t.add_column("layer", overflow="fold")
+    width = min(48, max((len(r.layer.name) for r in rows), default=5))
+    t.add_column("layer", overflow="fold", min_width=width)
     t.add_column("params", justify="right")
     for fmt in st.formats:
-        t.add_column(f"beta_pred {fmt}", justify="right")
-        t.add_column(f"SQNR {fmt}", justify="right")
+        t.add_column(f"{fmt}\nbeta_pred", justify="right")
+        t.add_column(f"{fmt}\nSQNR dB", justify="right")
     t.add_column("verdict")
     shown = rows if max_rows <= 0 else rows[:max_rows]
     for row in shown:
@@ -98,18 +100,24 @@ def _layer_table(result, max_rows: int) -> tuple[Table, int]:
 
 
 def _findings(result, max_rows: int) -> Table | None:
-    found = result.findings
-    if not found:
+    groups = grouped_findings(result)
+    if not groups:
         return None
-    t = Table(title="Findings", box=box.SIMPLE_HEAD, title_justify="left", show_header=True)
+    t = Table(title="Findings (one line per rule and setting)", box=box.SIMPLE_HEAD, title_justify="left")
     t.add_column("severity")
     t.add_column("rule")
     t.add_column("message", overflow="fold")
-    shown = found if max_rows <= 0 else found[:max_rows]
-    for o in shown:
-        t.add_row(Text(o.rule.severity, style=SEVERITY_STYLE[o.rule.severity]), o.rule.id, o.message)
-    if len(shown) < len(found):
-        t.caption = f"{len(found) - len(shown)} more findings: --max-rows 0 shows all, --format json lists them"
+    shown = groups if max_rows <= 0 else groups[:max_rows]
+    for g in shown:
+        o = g.first
+        message = o.message
+        if len(g.layers) > 1:
+            others = g.layers[1:]
+            listed = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+            message += f" [also {listed}]"
+        t.add_row(Text(o.rule.severity, style=SEVERITY_STYLE[o.rule.severity]), o.rule.id, message)
+    if len(shown) < len(groups):
+        t.caption = f"{len(groups) - len(shown)} more rule groups: --max-rows 0 shows all, --format json lists every finding"
     return t
 
 
