@@ -25,18 +25,18 @@ def formats_command(as_json: bool) -> int:
         click.echo(json.dumps(rows, indent=2, sort_keys=True, default=str))
         return 0
     table = Table(box=box.SIMPLE_HEAD)
-    for col in ("name", "bits", "scale", "block", "max finite", "min subnormal", "ulp at 1.0", "description"):
-        table.add_column(col, justify="right" if col in ("bits", "block", "max finite", "min subnormal", "ulp at 1.0") else "left")
+    for col in ("name", "bits", "scale", "block", "max finite", "min subnormal", "ulp at 1.0"):
+        table.add_column(col, justify="left" if col in ("name", "scale") else "right", no_wrap=True)
     for r in rows:
         table.add_row(
             r["name"],
             str(r["bits"]),
             str(r.get("scale") or "none"),
             str(r.get("block") or "-"),
-            f"{r['max_finite']:.6g}",
-            f"{r['smallest_subnormal']:.6g}",
-            f"{r['ulp_at_1']:.6g}",
-            str(r.get("description", "")),
+            f"{r['max_finite']:.5g}",
+            f"{r['smallest_subnormal']:.5g}",
+            f"{r['ulp_at_1']:.5g}",
         )
-    Console(highlight=False).print(table)
+    table.caption = "scaled formats: figures in units of the scale; `--json` adds descriptions"
+    Console(highlight=False, width=max(100, Console().width)).print(table)
     return 0

@@ -57,6 +57,23 @@ def grouped_findings(result: AuditResult) -> list[FindingGroup]:
     return list(groups.values())
 
 
+def verdict_label(verdict: str) -> str:
+    """needs_finer_precision -> 'finer precision': short enough for a table cell."""
+    return verdict.removeprefix("needs_").replace("_", " ")
+
+
+def rule_file_label(path: str) -> str:
+    """Bundled files by name, as the user asked for them; other files by path."""
+    from ..rules import bundled_rule_files
+
+    from pathlib import Path
+
+    p = Path(path)
+    if p.name in bundled_rule_files() and p.parent.name in ("rules", "bundled_rules"):
+        return f"{p.name} (bundled)"
+    return path
+
+
 def severity_counts(result: AuditResult) -> dict[str, int]:
     counts = dict.fromkeys(SEVERITY_ORDER, 0)
     for o in result.findings:

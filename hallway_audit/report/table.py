@@ -19,6 +19,8 @@ from .rows import (
     num,
     pct,
     ranked_layers,
+    rule_file_label,
+    verdict_label,
     severity_counts,
     skipped_rules,
 )
@@ -34,7 +36,7 @@ def _summary(result) -> Panel:
     speed = f", read in {st.seconds:.2g} s" if st.seconds > 0 else ""
     grid.add_row("size", f"{human_count(ck.params)} params in {ck.tensors} tensors, {human_bytes(ck.bytes)}{speed}")
     grid.add_row("plan", f"formats {', '.join(st.formats)}; lr {st.lr:g}")
-    grid.add_row("rules", ", ".join(result.ruleset.files) or "none")
+    grid.add_row("rules", ", ".join(rule_file_label(f) for f in result.ruleset.files) or "none")
     found = Text()
     for sev in ("error", "warning", "info"):
         if found:
@@ -78,13 +80,13 @@ def _layer_table(result, max_rows: int) -> tuple[Table, int]:
         box=box.SIMPLE_HEAD,
         title_justify="left",
     )
-    width = min(48, max((len(r.layer.name) for r in rows), default=5))
+    width = min(32, max((len(r.layer.name) for r in rows), default=5))
     t.add_column("layer", overflow="fold", min_width=width)
     t.add_column("params", justify="right")
     for fmt in st.formats:
         t.add_column(f"{fmt}\nbeta_pred", justify="right")
         t.add_column(f"{fmt}\nSQNR dB", justify="right")
-    t.add_column("verdict")
+    t.add_column("verdict", min_width=16)
     shown = rows if max_rows <= 0 else rows[:max_rows]
     for row in shown:
         layer = row.layer
@@ -92,7 +94,7 @@ def _layer_table(result, max_rows: int) -> tuple[Table, int]:
         for fmt in st.formats:
             s = layer.format_metrics(fmt)
             cells += [pct(s["beta_pred"]), num(s["sqnr_db"], ".1f")]
-        label = ", ".join(row.verdicts) if row.verdicts else "ok"
+        label = ", ".join(verdict_label(v) for v in row.verdicts) if row.verdicts else "ok"
         if layer.tally.nonfinite:
             cells[0] = f"{layer.name} ({layer.tally.nonfinite} non-finite)"
         t.add_row(*cells, Text(label, style=SEVERITY_STYLE[row.worst]))
