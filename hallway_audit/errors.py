@@ -17,6 +17,8 @@ class ExitCode(IntEnum):
     RULES = 4  # invalid rule file
     OUTPUT = 5  # the report could not be written
     RESOURCES = 6  # out of memory
+    MODEL = 7  # the architecture cannot be built or does not match the checkpoint
+    DATA = 8  # calibration data or loss unusable: unreadable, wrong shapes, loss not a finite scalar
     INTERNAL = 70  # a bug in hallway-audit (EX_SOFTWARE); please report it
 
 
@@ -69,3 +71,15 @@ class ResourceError(HallwayError):
     """Out of memory (host or device): the audit needs a smaller batch or another device."""
 
     exit_code = ExitCode.RESOURCES
+
+
+class ModelError(HallwayError):
+    """--model factory or HF architecture unusable, or the checkpoint does not fit it."""
+
+    exit_code = ExitCode.MODEL
+
+
+class DataError(HallwayError):
+    """Calibration batch or loss unusable for this model."""
+
+    exit_code = ExitCode.DATA

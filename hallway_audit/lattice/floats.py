@@ -27,6 +27,9 @@ from hallway_audit.lattice.base import Format, Grid, Lattice, check_rounding, na
 Special = Literal["ieee", "fn", "finite"]
 
 
+_EXP_FIELD = 0x7F800000  # fp32 exponent bits
+
+
 def exp2i(e: Tensor) -> Tensor:
     """Exactly 2**e as float32 for integer e in [-149, 127], built from its bits."""
     e = e.to(torch.int32)
@@ -42,6 +45,13 @@ def floor_log2(a: Tensor) -> Tensor:
     inf and NaN give garbage the callers mask out.
     """
     return torch.frexp(a)[1] - 1
+
+
+def binade(y: Tensor) -> Tensor:
+    """2^floor(log2|y|) for fp32-normal y by masking the exponent field (exact, one op):
+    0 for zero and fp32 subnormals, inf for inf and NaN. Callers clamp to [2^emin, 2^emax],
+    and emin >= -126 for every format, so the fp32-subnormal case needs no care."""
+    return (y.view(torch.int32) & _EXP_FIELD).view(torch.float32)
 
 
 class FloatGrid(Grid):
@@ -69,36 +79,33 @@ class FloatGrid(Grid):
         self.smallest_positive = 2.0 ** (self.emin - mbits)
         self.has_inf = special == "ieee"
         self.has_nan = special != "finite"
+        # (fp32 bits >> shift) - offset is the ordinal of a normal value of this format
+        self._shift, self._offset = 23 - mbits, (127 + self.emin - 1) << mbits
 
-    def _ulp_exponent(self, a: Tensor) -> Tensor:
-        """Exponent of the spacing at |y| = a: binade clamped to [emin, emax]."""
-        e = floor_log2(a).clamp(self.emin, self.emax)
-        e = torch.where(a == 0, self.emin, e)  # frexp(0) has exponent 0, not emin
-        e = torch.where(a > self.max_value, self.emax, e)  # beyond max and inf: max's ulp
-        return e - self.mbits
+    def _step(self, y: Tensor) -> Tensor:
+        """Spacing at y: y's binade clamped to [2^emin, 2^emax] (subnormals, zero, and
+        beyond max / inf take the end binades), times 2^-mbits. NaN gives 2^emax."""
+        b = binade(y).clamp(2.0**self.emin, 2.0**self.emax)
+        return b * 2.0**-self.mbits  # exact: power of two times power of two
 
     def ulp(self, y: Tensor) -> Tensor:
-        u = exp2i(self._ulp_exponent(y.abs()))
-        return torch.where(torch.isnan(y), y, u)
+        return torch.where(torch.isnan(y), y, self._step(y))
 
     def round(self, y: Tensor, u: Tensor | None = None) -> Tensor:
-        step = exp2i(self._ulp_exponent(y.abs()))
+        step = self._step(y)
         r = y / step  # exact: power-of-two divisor, result has <= mbits+1 bits
-        if u is None:
-            n = torch.round(r)  # half to even
-        else:
-            f = torch.floor(r)
-            n = f + (u < (r - f)).to(r.dtype)  # up with probability frac(r); exact
+        if u is None:  # half to even; round/mul/clamp all keep the sign of zero
+            return (torch.round(r) * step).clamp(-self.max_value, self.max_value)
+        f = torch.floor(r)
+        n = f + (u < (r - f)).to(r.dtype)  # up with probability frac(r); exact
         q = (n * step).clamp(-self.max_value, self.max_value)  # saturate; NaN passes
-        return torch.copysign(q, y)  # zero results keep x's sign, SR included
+        return torch.copysign(q, y)  # -tiny may round up to +0: keep x's sign
 
     def cell_id(self, y: Tensor) -> Tensor:
-        # ordinal of |q|: (e - emin) * 2^mbits + integer significand at spacing 2^(e-mbits)
         a = self.round(y).abs()
-        e = floor_log2(a).clamp(min=self.emin)
-        e = torch.where(a == 0, self.emin, e)
-        n = (a / exp2i(e - self.mbits)).to(torch.int64)
-        cid = (e - self.emin).to(torch.int64) * (1 << self.mbits) + n
+        normal = (a.view(torch.int32) >> self._shift) - self._offset
+        sub = (a / self.smallest_positive).to(torch.int32)  # exact integer for a < 2^emin
+        cid = torch.where(a < 2.0**self.emin, sub, normal).to(torch.int64)
         cid = torch.where(y < 0, -cid, cid)
         return nan_cells(cid, y)
 
