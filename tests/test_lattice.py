@@ -48,12 +48,10 @@ def t(a) -> torch.Tensor:
 
 
 def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal values, equal signs of zero, NaN where NaN."""
+    """Equal values, equal signs of zero, NaN exactly where NaN."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return bool(np.array_equal(a.view(np.uint32), b.view(np.uint32)) or (
-        np.array_equal(np.isnan(a), np.isnan(b))
-        and np.array_equal(a[~np.isnan(a)].view(np.uint32), b[~np.isnan(b)].view(np.uint32))
-    ))
+    nan = np.isnan(a)
+    return bool(np.array_equal(nan, np.isnan(b)) and np.array_equal(a[~nan].view(np.uint32), b[~nan].view(np.uint32)))
 
 
 # --------------------------------------------------------------------------- enumeration
@@ -156,13 +154,14 @@ def edge_cases(name: str):
     """(id, input, expected quantize, expected ulp, expected cell_id) from finfo/tables."""
     fi = FINFO[name]
     sub, tiny, big = float(fi.smallest_subnormal), float(fi.smallest_normal), float(fi.max)
-    pos = table(name) if name != "fp32" else None
-    rank = (lambda v: int(np.searchsorted(pos, np.float32(v)))) if pos is not None else (
-        lambda v: int(np.float32(v).view(np.int32)))
-    largest_sub = float(np.float32(tiny) - np.float32(sub)) if name != "fp32" else float(
-        np.nextafter(np.float32(tiny), np.float32(0)))
-    ulp_max = float(np.float32(big) - np.nextafter(np.float32(big), np.float32(0))) if name == "fp32" else float(
-        pos[-1] - pos[-2])
+    if name == "fp32":  # too many values to enumerate: the ordinal is the bit pattern
+        rank = lambda v: int(np.float32(v).view(np.int32))  # noqa: E731
+        ulp_max = float(np.float32(big) - np.nextafter(np.float32(big), np.float32(0)))
+    else:
+        pos = table(name)
+        rank = lambda v: int(np.searchsorted(pos, np.float32(v)))  # noqa: E731
+        ulp_max = float(pos[-1] - pos[-2])  # spacing of the top binade (e4m3fn: 448 - 416)
+    largest_sub = float(np.float32(tiny) - np.float32(sub))  # (2^mbits - 1) * sub
     inf, nan = float("inf"), float("nan")
     return [
         ("zero", 0.0, 0.0, sub, 0),

@@ -303,7 +303,7 @@ def test_lattice_is_frozen_at_ref(name):
 @pytest.mark.parametrize("name", SCALED)
 def test_empty_and_scalar_tensors(name):
     fmt = get_format(name)
-    for x in (torch.zeros(0), torch.zeros(3, 0), torch.tensor(2.5)):
+    for x in (torch.zeros(0), torch.zeros(3, 0), torch.zeros(0, 3), torch.tensor(2.5)):
         lat = fmt.at(x)
         for out in (lat.ulp(x), lat.quantize(x), lat.max_abs(x)):
             assert out.shape == x.shape and out.dtype == torch.float32

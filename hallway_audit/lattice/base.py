@@ -70,7 +70,7 @@ def uniform_like(y: Tensor, generator: torch.Generator | None) -> Tensor:
 
 def nan_cells(cid: Tensor, y: Tensor) -> Tensor:
     """Replace the cells of NaN entries with the NAN_CELL sentinel."""
-    return torch.where(torch.isnan(y), torch.full_like(cid, NAN_CELL), cid)
+    return torch.where(torch.isnan(y), NAN_CELL, cid.to(torch.int64))
 
 
 class Grid(ABC):

@@ -5,10 +5,11 @@ binade e (2^e <= |v| < 2^(e+1), subnormals using e = emin), spacing
 2^(e - mbits). Rounding is done by scaling into integers: y / ulp is exact (ulp is
 a power of two and the quotient has at most mbits+1 significant bits), torch.round
 is round-half-to-even, and n * ulp is exact again. So the result is the correctly
-rounded (RNE) value without any bit twiddling of the storage format -- the same
-recipe torchao uses for its float8/MX emulation. Exponents come from torch.frexp
-(exact, subnormals included), powers of two are built from their bit pattern
-(exact on every device, unlike pow()).
+rounded (RNE) value, bit-identical to ml_dtypes' casts, with no log2 anywhere: the
+binade 2^floor(log2|y|) is read off the fp32 exponent field by masking (exact, one
+op; fp32 subnormals lie below every format's emin and are clamped up anyway). MX
+scale exponents use torch.frexp, and powers of two are built from their bit
+pattern (exact on every device, unlike pow()).
 
 Saturation: values beyond max_finite (and +-inf) go to +-max_finite, even for
 formats that have an inf (e5m2, fp16, bf16, fp32): the spec asks for saturating
@@ -105,9 +106,8 @@ class FloatGrid(Grid):
         a = self.round(y).abs()
         normal = (a.view(torch.int32) >> self._shift) - self._offset
         sub = (a / self.smallest_positive).to(torch.int32)  # exact integer for a < 2^emin
-        cid = torch.where(a < 2.0**self.emin, sub, normal).to(torch.int64)
-        cid = torch.where(y < 0, -cid, cid)
-        return nan_cells(cid, y)
+        cid = torch.where(a < 2.0**self.emin, sub, normal)  # int32: ordinals < 2^31
+        return nan_cells(torch.where(y < 0, -cid, cid), y)
 
 
 class PlainLattice(Lattice):

@@ -28,16 +28,15 @@ class IntGrid(Grid):
         return torch.where(torch.isnan(y), y, torch.ones_like(y))
 
     def round(self, y: Tensor, u: Tensor | None = None) -> Tensor:
-        if u is None:
-            n = torch.round(y)  # half to even
-        else:
-            f = torch.floor(y)
-            n = f + (u < (y - f)).to(y.dtype)
-        return torch.copysign(n.clamp(-self.qmax, self.qmax), y)
+        if u is None:  # half to even; round and clamp keep the sign of zero
+            return torch.round(y).clamp(-self.qmax, self.qmax)
+        f = torch.floor(y)
+        n = f + (u < (y - f)).to(y.dtype)  # up with probability frac(y)
+        return torch.copysign(n.clamp(-self.qmax, self.qmax), y)  # -tiny -> -0.0
 
     def cell_id(self, y: Tensor) -> Tensor:
         n = torch.nan_to_num(self.round(y), nan=0.0)
-        return nan_cells(n.to(torch.int64), y)
+        return nan_cells(n.to(torch.int32), y)
 
 
 class IntFormat(ScaledFormat):

@@ -9,11 +9,13 @@ inf in a checkpoint does not poison its whole group (the static audit counts
 non-finite values separately); NaN entries still quantize to NaN and inf entries
 saturate. Blocks are formed by `Blocking` objects; the scale is expanded to the
 reference's shape once in `at()` so every later call is plain elementwise work.
+Products level * scale saturate at the fp32 range (absmax near fp32 max).
 """
 
 from __future__ import annotations
 
-from abc import abstractmethod
+import math
+from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ def finite_abs(ref: Tensor) -> Tensor:
     return torch.nan_to_num(ref.abs(), nan=0.0, posinf=0.0, neginf=0.0)
 
 
-class Blocking:
+class Blocking(ABC):
     """How elements are grouped under one scale: reduce to per-block amax, expand back."""
 
     @abstractmethod
@@ -46,7 +48,7 @@ class PerChannel(Blocking):
     def amax(self, a: Tensor) -> Tensor:
         if a.dim() <= 1:
             return a.amax() if a.numel() else a.new_zeros(())
-        if a[0].numel() == 0:
+        if math.prod(a.shape[1:]) == 0:  # (n, 0, ...): nothing to reduce over
             return a.new_zeros(a.shape[0])
         return a.flatten(1).amax(dim=1)
 
@@ -66,13 +68,14 @@ class LastDimBlocks(Blocking):
     def amax(self, a: Tensor) -> Tensor:
         a = a.reshape(1) if a.dim() == 0 else a
         n = a.shape[-1]
-        a = F.pad(a, (0, (-n) % self.size))  # zero padding never raises an amax
-        return a.reshape(*a.shape[:-1], -1, self.size).amax(dim=-1)
+        nb = -(-n // self.size)  # blocks per row, the last one maybe partial
+        a = F.pad(a, (0, nb * self.size - n))  # zero padding never raises an amax
+        return a.reshape(*a.shape[:-1], nb, self.size).amax(dim=-1)
 
     def expand(self, block_values: Tensor, shape: torch.Size) -> Tensor:
         n = shape[-1] if len(shape) else 1
         full = block_values.unsqueeze(-1).expand(*block_values.shape, self.size)
-        full = full.reshape(*block_values.shape[:-1], -1)[..., :n]
+        full = full.reshape(*block_values.shape[:-1], block_values.shape[-1] * self.size)[..., :n]
         return full.reshape(shape)
 
 
@@ -119,13 +122,17 @@ class ScaledLattice(Lattice):
         self.block_scale, self.tensor_scale = block_scale, tensor_scale
         self.shape = scale.shape
 
-    def _y(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _check(self, x: Tensor) -> Tensor:
         x = to_f32(x)
         if x.shape != self.shape:
             raise UsageError(
                 f"tensor of shape {tuple(x.shape)} on a lattice built for shape {tuple(self.shape)}"
             )
-        return x, x / self.scale
+        return x
+
+    def _y(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self._check(x)
+        return x, x / self.scale  # element units
 
     @torch.no_grad()
     def ulp(self, x: Tensor) -> Tensor:
@@ -153,7 +160,7 @@ class ScaledLattice(Lattice):
 
     @torch.no_grad()
     def max_abs(self, x: Tensor) -> Tensor:
-        self._y(x)  # shape check
+        self._check(x)
         return _times(torch.full_like(self.scale, self.grid.max_value), self.scale)
 
 

@@ -1,0 +1,327 @@
+"""One probe burst: a few real optimizer steps under one setting, measured at every step.
+
+Order of a step t (theta_t -> theta_{t+1}):
+  1. realized weights W_q = Q(theta_t); loss and dL/dW on a fresh micro-batch;
+  2. psi: ||P_S g|| / ||g|| per layer over every parameter full fine-tuning moves;
+  3. the optimizer (torch.optim.AdamW / SGD, real steps) updates phi; the proposed
+     W-space step is recorded, then written back (rounded onto the lattice when
+     there are no master weights);
+  4. beta (cells changed), beta_proposed (|proposed| > ULP/2), the ULP histogram;
+  5. realized train and held-out loss, and the probe batch's activation cells
+     (beta_eff) at theta_{t+1}.
+p_t is measured afterwards at the states kept along the way (the first and the
+last by default), with R = the median update norm of the whole burst.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..lattice import get_format
+from .crossing import ActivationCells, activation_changes, crossing_counts
+from .engine import Batch, LossEvaluator, LossFn
+from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_values
+from .pt import Direction, measure_pt
+from .realize import Realization
+from .result import LayerDynamics, SettingResult, StepRecord
+from .settings import Setting
+from .targets import ParamInfo
+
+# progress(setting_id, phase, done, total)
+BurstProgress = Callable[[str, str, int, int], None]
+
+
+@dataclass(frozen=True)
+class BurstOptions:
+    steps: int = 8
+    samples: int = 64
+    p_every: int = 0  # measure p_t every N steps; 0 = at the first and the last state
+    sigma: float = 0.5  # noise of the optimizer proposal, relative to its signal
+    micro_batch: int = 8
+    seed: int = 0
+    psi_target: float = 0.9  # tau of r_star (the rule file's psi_target)
+    per_layer_p: bool = False
+    early_stop: bool = True
+    probe_examples: int = 8
+
+
+def take(batch: Batch, idx: Tensor) -> dict[str, Tensor]:
+    return {k: v[idx.to(v.device)] for k, v in batch.items()}
+
+
+def batch_len(batch: Batch) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
+def token_count(batch: Batch) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if "input_ids" in batch:
+        return int(batch["input_ids"].numel())
+    return batch_len(batch)
+
+
+class MicroSampler:
+    """Micro-batches drawn without replacement within an epoch, from a seeded generator."""
+
+    def __init__(self, batch: Batch, size: int, seed: int) -> None:
+        self.batch, self.n = batch, batch_len(batch)
+        self.size = max(1, min(size, self.n))
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def __call__(self) -> dict[str, Tensor]:
+        if len(self.order) < self.size:
+            self.order = torch.randperm(self.n, generator=self.gen).tolist()
+        idx, self.order = self.order[: self.size], self.order[self.size :]
+        return take(self.batch, torch.tensor(idx))
+
+
+def _adam_preconditioner(opt: torch.optim.Optimizer, keys: list[str], params: list[Tensor]) -> Callable[[Direction], Direction]:
+    """D(g) = g / (sqrt(v_hat) + eps) from AdamW's second moments (identity for SGD)."""
+    if not isinstance(opt, torch.optim.AdamW):
+        return lambda d: d
+    group = opt.param_groups[0]
+    beta2, eps = group["betas"][1], group["eps"]
+    denoms: dict[str, Tensor] = {}
+    for key, p in zip(keys, params):
+        state = opt.state.get(p, {})
+        if "exp_avg_sq" in state:
+            step = float(state["step"])
+            denoms[key] = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt() + eps
+    return lambda d: {k: (v / denoms[k] if k in denoms else v) for k, v in d.items()}
+
+
+def _make_optimizer(setting: Setting, params: list[Tensor]) -> torch.optim.Optimizer:
+    o = setting.optimizer
+    if o.kind == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def _sq(t: Tensor) -> float:
+    return float(t.double().square().sum())
+
+
+def run_burst(
+    setting: Setting,
+    module: nn.Module,
+    loss_fn: LossFn,
+    loss_name: str,
+    params: list[ParamInfo],
+    base: dict[str, Tensor],
+    train: Batch,
+    val: Batch | None,
+    options: BurstOptions,
+    progress: BurstProgress | None = None,
+) -> SettingResult:
+    start = time.perf_counter()
+    device = next(iter(base.values())).device
+    cpu_gen = torch.Generator().manual_seed(options.seed)
+    dev_gen = torch.Generator(device=device).manual_seed(options.seed + 1)
+    real = Realization(setting, params, base, cpu_gen, dev_gen)
+    evaluator = LossEvaluator(module, loss_fn, f" (setting {setting.id})")
+    keys = list(real.phi)
+    opt = _make_optimizer(setting, [real.phi[k] for k in keys])
+    fmt = get_format(setting.precision.weights)
+    layer_of = {p.name: p.layer for p in params}
+    trainable = set(real.trainable)
+    layers = {p.layer: LayerDynamics(p.layer, trainable=False) for p in params}
+    for name in real.trainable:
+        layers[layer_of[name]].trainable = True
+    micro = MicroSampler(train, options.micro_batch, options.seed)
+
+    # Activations probed for beta_eff: the linear layers this setting moves.
+    linear_names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    probed = [n for n in linear_names if f"{n}.weight" in trainable] or linear_names
+    act_fmt = get_format(setting.precision.activations or setting.precision.weights)
+    acts = ActivationCells(module, probed, act_fmt, quantize=setting.precision.activations is not None)
+    probe_batch = take(train, torch.arange(min(options.probe_examples, batch_len(train))))
+
+    total_work = options.steps + 1
+    with acts.attached():
+        stored = real.stored()
+        now = real.realized(stored)
+        initial_loss = evaluator.loss(now, train, "at the start")
+        initial_val = evaluator.loss(now, val, "on the held-out batch at the start") if val is not None else None
+        with acts.record() as cells:
+            evaluator.loss(now, probe_batch)
+        prev_cells = dict(cells)
+
+        # psi_star / r_star from the gradient of the whole training split: a
+        # micro-batch gradient has rank <= its token count and would flatter low ranks.
+        _, g_full = evaluator.loss_and_grad(now, train, "at the start")
+        captured_rank: dict[str, float] = {}
+        for p in params:
+            g = g_full[p.name]
+            if p.linear:
+                curve = psi_star_curve(singular_values(g))
+                d = layers[p.layer]
+                d.matrix_rank = int(curve.numel())
+                d.psi_star = {r: psi_star_at(curve, r) for r in powers_of_two(curve.numel())}
+                d.r_star = r_star(curve, options.psi_target)
+                if p.name in real.lora:
+                    rank = real.lora[p.name][1]
+                    d.planned_rank = rank
+                    captured_rank[p.name] = psi_star_at(curve, rank) ** 2 * _sq(g)
+            if p.name not in captured_rank:
+                if p.name in trainable and p.name not in real.lora:
+                    captured_rank[p.name] = _sq(real.project({n: g_full[n] for n in real.trainable})[p.name]) \
+                        if p.name in real.masks else _sq(g)
+                else:
+                    captured_rank[p.name] = 0.0
+        for layer, d in layers.items():
+            names = [p.name for p in params if p.layer == layer]
+            total = sum(_sq(g_full[n]) for n in names)
+            if real.kind == "lora" and not any(n in real.lora for n in names):
+                d.psi_rank = None  # not a target: the model-level psi_rank counts it
+            else:
+                d.psi_rank = (sum(captured_rank[n] for n in names) / total) ** 0.5 if total > 0 else None
+        all_total = sum(_sq(g) for g in g_full.values())
+        psi_rank = (sum(captured_rank.values()) / all_total) ** 0.5 if all_total > 0 else None
+        if progress:
+            progress(setting.id, "burst", 1, total_work)
+
+        p_states = sorted({0, options.steps} | (set(range(0, options.steps, options.p_every)) if options.p_every else set()))
+        snapshots: dict[int, dict[str, Tensor]] = {0: real.snapshot()} if 0 in p_states else {}
+        steps: list[StepRecord] = []
+        layer_norms: dict[str, list[float]] = {layer: [] for layer in layers}
+        for t in range(options.steps):
+            stored = real.stored()
+            now = real.realized(stored)
+            micro_loss, g = evaluator.loss_and_grad(now, micro(), f"at step {t}")
+            projected = real.project(g)
+            cap: dict[str, float] = {}
+            tot: dict[str, float] = {}
+            for p in params:
+                tot[p.layer] = tot.get(p.layer, 0.0) + _sq(g[p.name])
+                cap[p.layer] = cap.get(p.layer, 0.0) + (_sq(projected[p.name]) if p.name in projected else 0.0)
+            for layer, d in layers.items():
+                d.psi.append((cap[layer] / tot[layer]) ** 0.5 if tot[layer] > 0 else None)
+            psi_model = (sum(cap.values()) / sum(tot.values())) ** 0.5 if sum(tot.values()) > 0 else None
+
+            phi_before = {k: v.detach().clone() for k, v in real.phi.items()} if real.lora else None
+            grads = real.phi_grad(g)
+            for k in keys:
+                real.phi[k].grad = grads[k]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            proposed_stored = real.stored()
+            real.write_back()
+            next_stored = real.stored()
+
+            changed_total = moved_total = count_total = 0
+            sq_norm = 0.0
+            per_layer: dict[str, list[int]] = {}
+            for name in real.trainable:
+                proposed = proposed_stored[name] - stored[name]
+                changed, moved, hist = crossing_counts(fmt, stored[name], next_stored[name], proposed)
+                d = layers[layer_of[name]]
+                d.hist += hist
+                c = per_layer.setdefault(d.name, [0, 0, 0])
+                c[0] += changed
+                c[1] += moved
+                c[2] += proposed.numel()
+                changed_total += changed
+                moved_total += moved
+                count_total += proposed.numel()
+                n2 = _sq(proposed)
+                sq_norm += n2
+                layer_norms[d.name].append(n2)
+            for layer, d in layers.items():
+                if layer in per_layer:
+                    ch, mv, n = per_layer[layer]
+                    d.beta.append(ch / n)
+                    d.beta_proposed.append(mv / n)
+            if phi_before is not None:
+                adapter_changes: dict[str, list[int]] = {}
+                for k in real.adapter_keys():
+                    name = k.split("::")[0]
+                    before, after = phi_before[k], real.phi[k].detach()
+                    ch = int((real.q(after) != real.q(before)).sum())
+                    c = adapter_changes.setdefault(layer_of[name], [0, 0])
+                    c[0] += ch
+                    c[1] += before.numel()
+                for layer, (ch, n) in adapter_changes.items():
+                    layers[layer].beta_adapter.append(ch / n)
+
+            now = real.realized(next_stored)
+            loss = evaluator.loss(now, train, f"after step {t}")
+            val_loss = evaluator.loss(now, val, f"on the held-out batch after step {t}") if val is not None else None
+            with acts.record() as cells:
+                evaluator.loss(now, probe_batch)
+            changes = activation_changes(prev_cells, cells)
+            prev_cells = dict(cells)
+            for name, (ch, n) in changes.items():
+                if name in layers:
+                    layers[name].beta_eff_elem.append(ch / n)
+            tensors_changed = sum(1 for ch, _ in changes.values() if ch > 0)
+            elems = sum(n for _, n in changes.values())
+            steps.append(
+                StepRecord(
+                    step=t,
+                    loss=loss,
+                    val_loss=val_loss,
+                    micro_loss=micro_loss,
+                    psi=psi_model,
+                    beta=changed_total / count_total if count_total else None,
+                    beta_proposed=moved_total / count_total if count_total else None,
+                    beta_eff=tensors_changed / len(changes) if changes else None,
+                    beta_eff_elem=sum(ch for ch, _ in changes.values()) / elems if elems else None,
+                    update_norm=sq_norm**0.5,
+                )
+            )
+            if t + 1 in p_states:
+                snapshots[t + 1] = real.snapshot()
+            if progress:
+                progress(setting.id, "burst", t + 2, total_work)
+
+        radius = statistics.median(s.update_norm for s in steps) if steps else 0.0
+        layer_radius = {layer: statistics.median(v) ** 0.5 for layer, v in layer_norms.items() if v}
+        precondition = _adam_preconditioner(opt, keys, [real.phi[k] for k in keys])
+        pt_states = []
+        final = real.snapshot()
+        p_gen = torch.Generator(device=device).manual_seed(options.seed + 2)
+        for i, (t, snap) in enumerate(sorted(snapshots.items())):
+            real.restore(snap)
+            pt_states.append(
+                measure_pt(
+                    step=t,
+                    real=real,
+                    evaluator=evaluator,
+                    train=train,
+                    val=val,
+                    micro=micro,
+                    precondition=precondition,
+                    radius=radius,
+                    samples=options.samples,
+                    sigma=options.sigma,
+                    generator=p_gen,
+                    layer_of=layer_of,
+                    early_stop=options.early_stop,
+                    per_layer_radius=layer_radius if options.per_layer_p else None,
+                )
+            )
+            if progress:
+                progress(setting.id, "p_t", i + 1, len(snapshots))
+        real.restore(final)
+    return SettingResult(
+        setting=setting,
+        loss_name=loss_name,
+        tokens=token_count(train),
+        initial_loss=initial_loss,
+        initial_val_loss=initial_val,
+        steps=steps,
+        layers=layers,
+        pt=pt_states,
+        psi_rank=psi_rank,
+        seconds=time.perf_counter() - start,
+        forwards=evaluator.forwards,
+        backwards=evaluator.backwards,
+    )

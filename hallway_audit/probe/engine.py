@@ -1,0 +1,67 @@
+"""Forward and backward with given weights, through torch.func.functional_call.
+
+Settings of a sweep share one module and one copy of its weights: each setting only
+supplies the tensors its forward should see, so nothing is deep-copied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..errors import DataError
+
+Batch = Mapping[str, Tensor]
+LossFn = Callable[[nn.Module, Batch], Tensor]
+
+
+class _LossModule(nn.Module):
+    """module + loss as one nn.Module, so functional_call can swap its weights."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.module = module
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Batch) -> Tensor:
+        return self.loss_fn(self.module, batch)
+
+
+class LossEvaluator:
+    def __init__(self, module: nn.Module, loss_fn: LossFn, where: str = "") -> None:
+        self.wrapped = _LossModule(module, loss_fn)
+        self.where = where
+        self.forwards = 0
+        self.backwards = 0
+
+    def _call(self, weights: Mapping[str, Tensor], batch: Batch) -> Tensor:
+        out = functional_call(self.wrapped, {f"module.{k}": v for k, v in weights.items()}, (batch,))
+        if not isinstance(out, Tensor) or out.dim() != 0:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise DataError(f"loss is not a scalar{self.where}: got {shape}")
+        return out
+
+    def _checked(self, value: float, what: str) -> float:
+        if not math.isfinite(value):
+            raise DataError(f"loss is {value} {what}{self.where}: check the calibration batch and the learning rate")
+        return value
+
+    @torch.no_grad()
+    def loss(self, weights: Mapping[str, Tensor], batch: Batch, what: str = "") -> float:
+        self.forwards += 1
+        return self._checked(float(self._call(weights, batch)), what)
+
+    def loss_and_grad(self, weights: Mapping[str, Tensor], batch: Batch, what: str = "") -> tuple[float, dict[str, Tensor]]:
+        """dL/dW for every weight given (the realized weights, as leaves)."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
+        self.forwards += 1
+        self.backwards += 1
+        with torch.enable_grad():
+            loss = self._call(leaves, batch)
+            value = self._checked(float(loss.detach()), what)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+        return value, {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads)}

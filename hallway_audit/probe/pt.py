@@ -1,0 +1,183 @@
+"""p_t, the signal-to-branching ratio: how many admissible moves lower the realized loss.
+
+A move u lives in the update subspace S (in weight space), has norm R (the median
+optimizer update norm of the burst) and is quantized: u_q = Q(theta + u) - theta.
+It is a descent move when the realized (quantized) loss drops: a finite difference,
+not the surrogate gradient. Proposals (SPEC §4):
+
+* optimizer: u = -R * normalize(normalize(D g_b) + sigma * normalize(z)), with g_b
+  a gradient on a resampled micro-batch, D the optimizer's preconditioner, z
+  Gaussian in S — descent-directed, with noise scaled to the signal;
+* uniform: u uniform on the sphere of radius R in S (an isotropic Gaussian
+  projected onto S, normalized).
+
+A move that quantizes to exactly zero is blocked: no descent, counted separately,
+and needs no forward. Every rate carries a 95% Wilson interval; sampling stops
+early once the interval excludes 1/2 (checked every 8 samples from 16 on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .engine import Batch, LossEvaluator
+from .realize import Realization
+from .stats import excludes_half, wilson_interval
+
+Direction = dict[str, Tensor]
+
+
+@dataclass
+class Rate:
+    successes: int = 0
+    n: int = 0
+
+    def add(self, success: bool) -> None:
+        self.successes += int(success)
+        self.n += 1
+
+    @property
+    def p(self) -> float | None:
+        return self.successes / self.n if self.n else None
+
+    @property
+    def interval(self) -> tuple[float, float] | tuple[None, None]:
+        return wilson_interval(self.successes, self.n) if self.n else (None, None)
+
+    def __iadd__(self, other: Rate) -> Rate:
+        self.successes += other.successes
+        self.n += other.n
+        return self
+
+
+@dataclass
+class PtAtState:
+    step: int
+    radius: float
+    optimizer: Rate = field(default_factory=Rate)
+    blocked: int = 0
+    uniform: Rate = field(default_factory=Rate)
+    blocked_uniform: int = 0
+    val: Rate | None = None
+    surrogate: dict[str, Rate] = field(default_factory=dict)  # per layer: g^T u < 0
+    realized_layer: dict[str, Rate] = field(default_factory=dict)  # per layer, with --per-layer-p
+    psi_val: float | None = None
+
+
+def dict_norm(d: Direction) -> float:
+    return float(torch.sqrt(sum((v.double().square().sum() for v in d.values()), torch.zeros((), dtype=torch.float64))))
+
+
+def scaled(d: Direction, factor: float) -> Direction:
+    return {k: v * factor for k, v in d.items()}
+
+
+def normalized(d: Direction) -> Direction:
+    n = dict_norm(d)
+    return scaled(d, 1.0 / n) if n > 0 else d
+
+
+def combine(a: Direction, b: Direction, weight: float) -> Direction:
+    return {k: a[k] + weight * b[k] for k in a}
+
+
+def gaussian_in_subspace(real: Realization, like: dict[str, Tensor], generator: torch.Generator) -> Direction:
+    z = {k: torch.randn(v.shape, generator=generator, device=v.device) for k, v in like.items()}
+    return real.project(z)
+
+
+def is_blocked(real: Realization, moved: dict[str, Tensor], now: dict[str, Tensor]) -> bool:
+    return all(torch.equal(moved[k], now[k]) for k in real.trainable)
+
+
+def measure_pt(
+    *,
+    step: int,
+    real: Realization,
+    evaluator: LossEvaluator,
+    train: Batch,
+    val: Batch | None,
+    micro: Callable[[], Batch],
+    precondition: Callable[[Direction], Direction],
+    radius: float,
+    samples: int,
+    sigma: float,
+    generator: torch.Generator,
+    layer_of: dict[str, str],
+    early_stop: bool = True,
+    per_layer_radius: dict[str, float] | None = None,
+) -> PtAtState:
+    """All p_t figures at the current state of `real` (its phi is left unchanged)."""
+    out = PtAtState(step=step, radius=radius, val=Rate() if val is not None else None)
+    stored = real.stored()
+    now = real.realized(stored)
+    base = evaluator.loss(now, train, f"at step {step}")
+    base_val = evaluator.loss(now, val, f"on the held-out batch at step {step}") if val is not None else None
+    _, g_full = evaluator.loss_and_grad(now, train, f"at step {step}")
+    if val is not None:
+        _, g_val = evaluator.loss_and_grad(now, val, f"on the held-out batch at step {step}")
+        captured = sum(float(v.double().square().sum()) for v in real.project(g_val).values())
+        total = sum(float(v.double().square().sum()) for v in g_val.values())
+        out.psi_val = (captured / total) ** 0.5 if total > 0 else None
+    # A pool of preconditioned micro-batch gradients in W space (each lies in S).
+    pool: list[Direction] = []
+    for _ in range(max(1, min(8, samples))):
+        _, g_b = evaluator.loss_and_grad(now, micro(), f"at step {step}")
+        pool.append(real.to_weight_space(precondition(real.phi_grad(g_b))))
+    layers = sorted({layer_of[k] for k in real.trainable})
+    out.surrogate = {layer: Rate() for layer in layers}
+
+    def trial(u: Direction, rate: Rate, val_rate: Rate | None) -> bool:
+        moved_w = {k: stored[k] + u[k] for k in real.trainable}
+        moved = real.realized(moved_w, real.move_rounding)
+        if is_blocked(real, moved, now):
+            rate.add(False)
+            if val_rate is not None:
+                val_rate.add(False)
+            return True
+        rate.add(evaluator.loss(moved, train, f"for a p_t move at step {step}") < base)
+        if val_rate is not None:
+            val_rate.add(evaluator.loss(moved, val, f"for a p_t move at step {step}") < base_val)
+        return False
+
+    def done(rate: Rate) -> bool:
+        return early_stop and rate.n >= 16 and rate.n % 8 == 0 and excludes_half(rate.successes, rate.n)
+
+    for i in range(samples):
+        signal = normalized(pool[i % len(pool)])
+        noise = normalized(gaussian_in_subspace(real, signal, generator)) if sigma > 0 else None
+        direction = normalized(combine(signal, noise, sigma)) if noise is not None else signal
+        u = scaled(direction, -radius)
+        for layer in layers:
+            dot = sum(float((g_full[k] * u[k]).sum()) for k in real.trainable if layer_of[k] == layer)
+            out.surrogate[layer].add(dot < 0)
+        out.blocked += trial(u, out.optimizer, out.val)
+        if done(out.optimizer):
+            break
+    for _ in range(samples):
+        u = scaled(normalized(gaussian_in_subspace(real, stored, generator)), radius)
+        out.blocked_uniform += trial(u, out.uniform, None)
+        if done(out.uniform):
+            break
+    if per_layer_radius is not None:
+        for layer in layers:
+            keys = [k for k in real.trainable if layer_of[k] == layer]
+            rate = Rate()
+            r_l = per_layer_radius.get(layer, 0.0)
+            for i in range(samples):
+                sig = {k: pool[i % len(pool)][k] for k in keys}
+                noise = gaussian_in_subspace(real, stored, generator)
+                d = normalized(sig)
+                if sigma > 0:
+                    d = normalized(combine(d, normalized({k: noise[k] for k in keys}), sigma))
+                u = {k: torch.zeros_like(stored[k]) for k in real.trainable}
+                u.update(scaled(d, -r_l))
+                trial(u, rate, None)
+                if done(rate):
+                    break
+            out.realized_layer[layer] = rate
+    return out

@@ -1,0 +1,150 @@
+"""What one probe burst measured: per-step records, per-layer tallies, summaries.
+
+Summaries follow SPEC §4: means over the burst's steps (and the minimum for beta);
+p_t pools the samples of every measured state, with its Wilson interval.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .crossing import HIST_LABELS
+from .pt import PtAtState, Rate
+from .settings import Setting
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None and not math.isnan(x)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+@dataclass
+class LayerDynamics:
+    name: str
+    trainable: bool
+    psi: list[float | None] = field(default_factory=list)  # per step
+    beta: list[float | None] = field(default_factory=list)
+    beta_proposed: list[float | None] = field(default_factory=list)
+    beta_adapter: list[float | None] = field(default_factory=list)
+    beta_eff_elem: list[float | None] = field(default_factory=list)
+    hist: torch.Tensor = field(default_factory=lambda: torch.zeros(len(HIST_LABELS), dtype=torch.int64))
+    psi_rank: float | None = None
+    psi_star: dict[int, float] = field(default_factory=dict)
+    r_star: int | None = None
+    matrix_rank: int | None = None
+    planned_rank: int | None = None
+    update_norms: list[float] = field(default_factory=list)
+
+    def metrics(self, surrogate: Rate | None, realized: Rate | None) -> dict[str, object]:
+        total = int(self.hist.sum())
+        above = int(self.hist[HIST_LABELS.index("1/2-1"):].sum())
+        betas = [b for b in self.beta if b is not None]
+        out: dict[str, object] = {
+            "psi": _mean(self.psi),
+            "psi_rank": self.psi_rank,
+            "psi_star": {str(k): v for k, v in self.psi_star.items()},
+            "r_star": self.r_star,
+            "beta": _mean(self.beta) if self.trainable else None,
+            "beta_min": min(betas) if betas and self.trainable else None,
+            "beta_proposed": _mean(self.beta_proposed) if self.trainable else None,
+            "beta_adapter": _mean(self.beta_adapter),
+            "beta_eff_elem": _mean(self.beta_eff_elem),
+            "ulp_hist": {label: _ratio(int(c), total) for label, c in zip(HIST_LABELS, self.hist.tolist())} if total else None,
+            "ulp_mass_above_half": _ratio(above, total) if self.trainable else None,
+            "p_t_surrogate": surrogate.p if surrogate else None,
+        }
+        if realized is not None:
+            lo, hi = realized.interval
+            out.update({"p_t_layer": realized.p, "p_t_layer_lo": lo, "p_t_layer_hi": hi})
+        return out
+
+
+@dataclass
+class StepRecord:
+    step: int
+    loss: float  # realized train loss after the step
+    val_loss: float | None
+    micro_loss: float  # the micro-batch loss the step was taken on (before it)
+    psi: float | None
+    beta: float | None
+    beta_proposed: float | None
+    beta_eff: float | None
+    beta_eff_elem: float | None
+    update_norm: float
+
+
+@dataclass
+class SettingResult:
+    setting: Setting
+    loss_name: str
+    tokens: int  # tokens (or examples) the psi_star/r_star gradient rests on
+    initial_loss: float
+    initial_val_loss: float | None
+    steps: list[StepRecord]
+    layers: dict[str, LayerDynamics]
+    pt: list[PtAtState]
+    psi_rank: float | None
+    seconds: float
+    forwards: int
+    backwards: int
+
+    @property
+    def id(self) -> str:
+        return self.setting.id
+
+    def _pooled(self, attr: str) -> Rate:
+        total = Rate()
+        for state in self.pt:
+            r = getattr(state, attr)
+            if r is not None:
+                total += r
+        return total
+
+    def model_metrics(self) -> dict[str, float | int | None]:
+        opt, uni, val = self._pooled("optimizer"), self._pooled("uniform"), self._pooled("val")
+        lo, hi = opt.interval
+        ulo, uhi = uni.interval
+        blocked = sum(s.blocked for s in self.pt)
+        betas = [s.beta for s in self.steps if s.beta is not None]
+        final = self.steps[-1] if self.steps else None
+        return {
+            "psi": _mean([s.psi for s in self.steps]),
+            "psi_rank": self.psi_rank,
+            "psi_val": _mean([s.psi_val for s in self.pt]),
+            "p_t": opt.p,
+            "p_t_lo": lo,
+            "p_t_hi": hi,
+            "p_t_samples": opt.n,
+            "p_t_uniform": uni.p,
+            "p_t_uniform_lo": ulo,
+            "p_t_uniform_hi": uhi,
+            "p_t_val": val.p,
+            "blocked": _ratio(blocked, opt.n),
+            "beta": _mean(betas),
+            "beta_min": min(betas) if betas else None,
+            "beta_proposed": _mean([s.beta_proposed for s in self.steps]),
+            "beta_eff": _mean([s.beta_eff for s in self.steps]),
+            "beta_eff_elem": _mean([s.beta_eff_elem for s in self.steps]),
+            "loss": final.loss if final else self.initial_loss,
+            "val_loss": final.val_loss if final else self.initial_val_loss,
+            "loss_delta": (final.loss - self.initial_loss) if final else 0.0,
+        }
+
+    def layer_metrics(self) -> dict[str, dict[str, object]]:
+        surrogate: dict[str, Rate] = {}
+        realized: dict[str, Rate] = {}
+        for state in self.pt:
+            for layer, r in state.surrogate.items():
+                surrogate.setdefault(layer, Rate())
+                surrogate[layer] += r
+            for layer, r in state.realized_layer.items():
+                realized.setdefault(layer, Rate())
+                realized[layer] += r
+        return {name: d.metrics(surrogate.get(name), realized.get(name)) for name, d in self.layers.items()}
