@@ -40,8 +40,9 @@ def test_relative_error_and_sqnr_match_ml_dtypes_cast():
     t = measure_tensor(w, {"bf16": get_format("bf16")}, lr=1e-4).formats["bf16"].summary()
     x = w.numpy()
     want = np.linalg.norm((_bf16(x) - x).astype(np.float64)) / np.linalg.norm(x.astype(np.float64))
-    assert t["rel_error"] == pytest.approx(want, rel=1e-9)
-    assert t["sqnr_db"] == pytest.approx(-20 * math.log10(want), rel=1e-9)
+    # float32 norms (pairwise summation): a few ulps of float32, far below 3 shown digits
+    assert t["rel_error"] == pytest.approx(want, rel=1e-5)
+    assert t["sqnr_db"] == pytest.approx(-20 * math.log10(want), rel=1e-6)
 
 
 def test_saturation_and_flush_to_zero_in_fp8():
