@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .checkpoint import open_checkpoint
 from .errors import ExitCode, UsageError
+from .probe import BurstOptions, DynamicResult, SweepSpec, resolve_device, run_sweep
+from .probe.burst import BurstProgress
+from .recommend import Recommendation, recommend
 from .rules import Outcome, RuleSet, evaluate, gate, load_rules
 from .static import StaticResult, run_static
 from .static.audit import Progress
-from .subjects import static_subjects
+from .subjects import dynamic_subjects, static_subjects
 
 DEFAULT_FORMATS = ("bf16", "fp8_e4m3")
 DEFAULT_LR = 1e-4
@@ -42,6 +45,19 @@ class Gate:
 
 
 @dataclass
+class DynamicPlan:
+    """What the dynamic audit needs beyond the checkpoint: data, and the settings to probe."""
+
+    calib: str
+    model: str | None = None  # --model module:factory or file.py:factory; None: the HF directory's architecture
+    val: str | None = None  # None: a deterministic 25% split of calib
+    loss: str | None = None  # None: chosen from the model and the batch
+    sweep: SweepSpec = field(default_factory=SweepSpec)
+    burst: BurstOptions = field(default_factory=BurstOptions)
+    max_length: int = 128
+
+
+@dataclass
 class AuditResult:
     checkpoint: CheckpointSummary
     static: StaticResult
@@ -49,6 +65,8 @@ class AuditResult:
     outcomes: list[Outcome]
     gate: Gate
     notes: list[str] = field(default_factory=list)
+    dynamic: DynamicResult | None = None
+    recommendation: Recommendation | None = None
 
     @property
     def findings(self) -> list[Outcome]:
@@ -75,15 +93,24 @@ def audit(
     fail_on: str = "error",
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    dynamic: DynamicPlan | None = None,
+    burst_progress: BurstProgress | None = None,
 ) -> AuditResult:
-    """Audit a checkpoint against rule files; raises a HallwayError subclass on bad input."""
+    """Audit a checkpoint against rule files; raises a HallwayError subclass on bad input.
+
+    Static figures always; with a DynamicPlan (a calibration batch, and an
+    architecture from a Hugging Face directory or a --model factory) also probe
+    bursts of every setting of the sweep, and a recommendation.
+    """
     if fail_on not in FAIL_ON:
         raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
     if not lr > 0:
         raise UsageError(f"--lr must be a positive number, not {lr!r}")
     ruleset = load_rules(list(rules)) if rules else load_rules([])
+    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    settings = dynamic.sweep.settings() if dynamic is not None else []  # bad flags fail before any work
     with open_checkpoint(checkpoint) as ckpt:
-        static = run_static(ckpt, formats, lr, spectral=spectral, device=device, progress=progress)
+        static = run_static(ckpt, formats, lr, spectral=spectral, device=dev, progress=progress)
         summary = CheckpointSummary(
             path=str(Path(checkpoint)),
             kind=ckpt.kind,
@@ -91,6 +118,60 @@ def audit(
             params=sum(i.numel for i in ckpt.infos()),
             bytes=static.bytes_read,
         )
-    outcomes = evaluate(ruleset, static_subjects(static))
-    notes = ["static audit only: no architecture and calibration batch, so dynamic rules are skipped"]
-    return AuditResult(summary, static, ruleset, outcomes, Gate(gate(outcomes, fail_on), fail_on), notes)
+    notes: list[str] = []
+    dyn_result = None
+    if dynamic is None:
+        notes.append("static audit only: pass --calib (and --model unless CHECKPOINT is a Hugging Face directory) for probe bursts; dynamic rules are skipped")
+    else:
+        dyn_result = _run_dynamic(checkpoint, dynamic, settings, ruleset, dev, burst_progress)
+    static_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "static"), ruleset.vars, ruleset.files)
+    dynamic_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "dynamic"), ruleset.vars, ruleset.files)
+    outcomes = evaluate(static_rules, static_subjects(static))
+    outcomes += evaluate(dynamic_rules, dynamic_subjects(dyn_result) if dyn_result is not None else [])
+    order = {r.id: i for i, r in enumerate(ruleset.rules)}
+    outcomes.sort(key=lambda o: order[o.rule.id])
+    recommendation = recommend(dyn_result, outcomes) if dyn_result is not None and dyn_result.settings else None
+    return AuditResult(summary, static, ruleset, outcomes, Gate(gate(outcomes, fail_on), fail_on), notes, dyn_result, recommendation)
+
+
+def _run_dynamic(
+    checkpoint: str | os.PathLike,
+    plan: DynamicPlan,
+    settings: list,
+    ruleset: RuleSet,
+    device: torch.device,
+    progress: BurstProgress | None,
+) -> DynamicResult:
+    from .model import build_model, checked_loss, load_calibration, resolve_loss, split_batch
+
+    loaded = build_model(checkpoint, plan.model, device)
+    if loaded is None:
+        raise UsageError(
+            f"{checkpoint}: --calib needs an architecture: a Hugging Face directory (config.json beside the weights) "
+            "or --model module:factory"
+        )
+    batch = load_calibration(plan.calib, tokenizer=loaded.tokenizer, max_length=plan.max_length, device=device)
+    if plan.val is not None:
+        train = batch
+        val = load_calibration(plan.val, tokenizer=loaded.tokenizer, max_length=plan.max_length, device=device)
+        val_source = plan.val
+    else:
+        train, val = split_batch(batch, 0.25, plan.burst.seed)
+        val_source = f"25% of {plan.calib} (seed {plan.burst.seed})"
+    loss_name, loss_fn = resolve_loss(plan.loss, loaded, train)
+    checked_loss(loss_fn, loaded, train, name=loss_name)
+    psi_target = ruleset.vars.get("psi_target", plan.burst.psi_target)
+    options = replace(plan.burst, psi_target=float(psi_target))  # type: ignore[arg-type]
+    return run_sweep(
+        loaded.module,
+        settings=settings,
+        loss_fn=loss_fn,
+        loss_name=loss_name,
+        train=train,
+        val=val,
+        options=options,
+        model_source=loaded.source,
+        calib=plan.calib,
+        val_source=val_source,
+        progress=progress,
+    )

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .lattice import get_format
+from .metrics import METRICS
+from .probe import DynamicResult
 from .rules import Subject
 from .static import StaticResult
 
@@ -30,3 +32,17 @@ def static_subjects(static: StaticResult) -> Iterator[Subject]:
         model_fmt = {**model_basics, **static.model.formats[fmt].summary(), **ctx}
         yield Subject("model", fmt, None, model_fmt)
         yield Subject("setting", fmt, None, model_fmt)
+
+
+def dynamic_subjects(dynamic: DynamicResult) -> Iterator[Subject]:
+    """One subject per (setting, layer), per setting for the model, and the setting itself."""
+    for result in dynamic.settings:
+        s = result.setting
+        ctx = {"format": s.precision.weights, "lr": s.optimizer.lr, "bits": s.bits, "rank": s.rank}
+        for layer, metrics in result.layer_metrics().items():
+            values = {k: v for k, v in metrics.items() if k in METRICS}
+            planned = result.layers[layer].planned_rank
+            yield Subject("layer", result.id, layer, {**values, **ctx, "rank": planned if planned is not None else s.rank})
+        model = {k: v for k, v in result.model_metrics().items() if k in METRICS}
+        yield Subject("model", result.id, None, {**model, **ctx})
+        yield Subject("setting", result.id, None, {**model, **ctx})
