@@ -31,3 +31,29 @@ def progress_reporter(enabled: bool) -> Iterator:
 
     with bar:
         yield report
+
+
+@contextmanager
+def burst_reporter(enabled: bool) -> Iterator:
+    """One bar per setting: its burst steps, then its p_t states."""
+    if not enabled:
+        yield None
+        return
+    bar = Progress(
+        TextColumn("[bold]{task.fields[setting]}"),
+        TextColumn("{task.fields[phase]}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    tasks: dict[str, int] = {}
+
+    def report(setting: str, phase: str, done: int, total: int) -> None:
+        if setting not in tasks:
+            tasks[setting] = bar.add_task(setting, total=total, setting=setting, phase=phase)
+        bar.update(tasks[setting], completed=done, total=total, phase=phase)
+
+    with bar:
+        yield report

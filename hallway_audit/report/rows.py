@@ -25,7 +25,7 @@ def ranked_layers(result: AuditResult) -> list[LayerRow]:
     rows = {layer.name: LayerRow(i, layer) for i, layer in enumerate(result.static.layers)}
     for o in result.findings:
         row = rows.get(o.subject.layer or "")
-        if row is None:
+        if row is None or o.rule.phase != "static":
             continue
         if row.worst == "ok" or SEVERITY_ORDER.index(o.rule.severity) < SEVERITY_ORDER.index(row.worst):
             row.worst = o.rule.severity
@@ -120,3 +120,58 @@ def human_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n} B"
+
+
+_SPARK = " ▁▂▃▄▅▆▇█"
+
+
+def sparkline(fractions: list[float | None]) -> str:
+    """A histogram in one line of block characters (scaled to its largest bin)."""
+    vals = [f or 0.0 for f in fractions]
+    top = max(vals, default=0.0)
+    if top <= 0:
+        return ""
+    return "".join(_SPARK[max(1, min(8, int(round(8 * v / top))))] if v > 0 else "·" for v in vals)
+
+
+def interval(p: float | None, lo: float | None, hi: float | None) -> str:
+    if p is None:
+        return "-"
+    return f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def setting_severity(result: AuditResult) -> dict[str, str]:
+    """Worst fired severity per dynamic setting id ('ok' when nothing fired)."""
+    worst: dict[str, str] = {}
+    if result.dynamic is None:
+        return worst
+    for r in result.dynamic.settings:
+        worst[r.id] = "ok"
+    for o in result.findings:
+        sid = o.subject.setting
+        if sid in worst and (worst[sid] == "ok" or SEVERITY_ORDER.index(o.rule.severity) < SEVERITY_ORDER.index(worst[sid])):
+            worst[sid] = o.rule.severity
+    return worst
+
+
+def layer_verdicts(result: AuditResult, setting: str) -> dict[str, tuple[str, list[str]]]:
+    """layer -> (worst severity, verdicts) for one dynamic setting."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for o in result.findings:
+        if o.subject.setting != setting or o.subject.layer is None:
+            continue
+        sev, verdicts = out.get(o.subject.layer, ("ok", []))
+        if sev == "ok" or SEVERITY_ORDER.index(o.rule.severity) < SEVERITY_ORDER.index(sev):
+            sev = o.rule.severity
+        if o.rule.verdict not in verdicts:
+            verdicts = [*verdicts, o.rule.verdict]
+        out[o.subject.layer] = (sev, verdicts)
+    return out
+
+
+def peft_snippet(rec) -> str | None:
+    """The rank recommendation as a line to paste into a PEFT LoraConfig."""
+    if not rec.rank_pattern:
+        return None
+    pattern = ", ".join(f'"{k}": {v}' for k, v in rec.rank_pattern.items())
+    return f"LoraConfig(r={rec.base_rank}, rank_pattern={{{pattern}}})"

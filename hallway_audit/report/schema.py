@@ -15,7 +15,7 @@ from .. import __version__
 if TYPE_CHECKING:
     from ..audit import AuditResult
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 def clean(value: Any) -> Any:
@@ -79,6 +79,73 @@ def rule_summary(result: AuditResult) -> list[dict[str, Any]]:
     ]
 
 
+def _setting_dict(r) -> dict[str, Any]:
+    s = r.setting
+    p, sub, o = s.precision, s.subspace, s.optimizer
+    layers = r.layer_metrics()
+    return {
+        "id": r.id,
+        "precision": {"weights": p.weights, "activations": p.activations, "rounding": p.rounding,
+                      "master_weights": p.master_weights, "bits": s.bits},
+        "subspace": {"kind": sub.kind, "rank": sub.rank if sub.kind == "lora" else None, "targets": sub.targets,
+                     "alpha": sub.alpha, "rslora": sub.rslora, "rank_pattern": dict(sub.rank_pattern),
+                     "sparsity": sub.sparsity, "mask": sub.mask if sub.kind == "sparse" else None},
+        "optimizer": {"kind": o.kind, "lr": o.lr, "weight_decay": o.weight_decay, "betas": list(o.betas), "eps": o.eps},
+        "model": {**r.model_metrics(), "initial_loss": r.initial_loss, "initial_val_loss": r.initial_val_loss},
+        "layers": [
+            {"name": name, "trainable": r.layers[name].trainable, "matrix_rank": r.layers[name].matrix_rank,
+             "planned_rank": r.layers[name].planned_rank, **metrics}
+            for name, metrics in layers.items()
+        ],
+        "steps": [vars(step) for step in r.steps],
+        "p_t_states": [_pt_state(state) for state in r.pt],
+        "cost": {"forwards": r.forwards, "backwards": r.backwards},
+    }
+
+
+def _rate(prefix: str, rate) -> dict[str, Any]:
+    if rate is None:
+        return {prefix: None}
+    lo, hi = rate.interval
+    return {prefix: rate.p, f"{prefix}_lo": lo, f"{prefix}_hi": hi, f"{prefix}_samples": rate.n}
+
+
+def _pt_state(state) -> dict[str, Any]:
+    return {
+        "step": state.step,
+        "radius": state.radius,
+        **_rate("p_t", state.optimizer),
+        "blocked": state.blocked / state.optimizer.n if state.optimizer.n else None,
+        **_rate("p_t_uniform", state.uniform),
+        "blocked_uniform": state.blocked_uniform / state.uniform.n if state.uniform.n else None,
+        **_rate("p_t_val", state.val),
+        "psi_val": state.psi_val,
+    }
+
+
+def _dynamic_dict(d) -> dict[str, Any]:
+    o = d.options
+    return {
+        "model": d.model_source,
+        "loss": d.loss_name,
+        "calib": d.calib,
+        "val": d.val,
+        "train_examples": d.train_examples,
+        "val_examples": d.val_examples,
+        "tokens": d.tokens,
+        "device": d.device,
+        "steps": o.steps,
+        "samples": o.samples,
+        "sigma": o.sigma,
+        "seed": o.seed,
+        "micro_batch": o.micro_batch,
+        "p_every": o.p_every,
+        "psi_target": o.psi_target,
+        "per_layer_p": o.per_layer_p,
+        "early_stop": o.early_stop,
+    }
+
+
 def result_to_dict(result: AuditResult) -> dict[str, Any]:
     st = result.static
     ck = result.checkpoint
@@ -96,6 +163,9 @@ def result_to_dict(result: AuditResult) -> dict[str, Any]:
         },
         "rules": {"files": list(result.ruleset.files), "vars": dict(result.ruleset.vars), "summary": rule_summary(result)},
         "findings": [finding_dict(o) for o in result.findings],
+        "dynamic": _dynamic_dict(result.dynamic) if result.dynamic is not None else None,
+        "settings": [_setting_dict(r) for r in result.dynamic.settings] if result.dynamic is not None else [],
+        "recommendation": vars(result.recommendation) if result.recommendation is not None else None,
         "notes": list(result.notes),
         "gate": {"passed": result.gate.passed, "fail_on": result.gate.fail_on, "exit_code": result.gate.exit_code},
     }

@@ -12,6 +12,11 @@ from rich.text import Text
 
 from .base import Formatter, RenderOptions, register_formatter
 from .rows import (
+    interval,
+    layer_verdicts,
+    peft_snippet,
+    setting_severity,
+    sparkline,
     grouped_findings,
     SEVERITY_STYLE,
     human_bytes,
@@ -36,6 +41,11 @@ def _summary(result) -> Panel:
     speed = f", read in {st.seconds:.2g} s" if st.seconds > 0 else ""
     grid.add_row("size", f"{human_count(ck.params)} params in {ck.tensors} tensors, {human_bytes(ck.bytes)}{speed}")
     grid.add_row("plan", f"formats {', '.join(st.formats)}; lr {st.lr:g}")
+    if result.dynamic is not None:
+        d = result.dynamic
+        grid.add_row("model", f"{d.model_source}; loss {d.loss_name}; device {d.device}")
+        grid.add_row("data", f"{d.calib}: {d.train_examples} train / {d.val_examples} held-out examples, {d.tokens} tokens")
+        grid.add_row("sweep", f"{len(d.settings)} settings x {d.options.steps} steps, seed {d.options.seed}, {d.seconds:.1f} s")
     grid.add_row("rules", ", ".join(rule_file_label(f) for f in result.ruleset.files) or "none")
     found = Text()
     for sev in ("error", "warning", "info"):
@@ -108,6 +118,9 @@ def _findings(result, max_rows: int) -> Table | None:
     t = Table(title="Findings (one line per rule and setting)", box=box.SIMPLE_HEAD, title_justify="left")
     t.add_column("severity")
     t.add_column("rule")
+    dynamic = any(g.first.rule.phase == "dynamic" for g in groups)
+    if dynamic:
+        t.add_column("setting", no_wrap=True)
     t.add_column("message", overflow="fold")
     shown = groups if max_rows <= 0 else groups[:max_rows]
     for g in shown:
@@ -117,10 +130,103 @@ def _findings(result, max_rows: int) -> Table | None:
             others = g.layers[1:]
             listed = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
             message += f" [also {listed}]"
-        t.add_row(Text(o.rule.severity, style=SEVERITY_STYLE[o.rule.severity]), o.rule.id, message)
+        cells = [Text(o.rule.severity, style=SEVERITY_STYLE[o.rule.severity]), o.rule.id]
+        if dynamic:
+            cells.append(o.subject.setting if o.rule.phase == "dynamic" and o.subject.setting else "")
+        t.add_row(*cells, message)
     if len(shown) < len(groups):
         t.caption = f"{len(groups) - len(shown)} more rule groups: --max-rows 0 shows all, --format json lists every finding"
     return t
+
+
+def _settings_table(result) -> Table:
+    dyn = result.dynamic
+    severity = setting_severity(result)
+    rec = result.recommendation
+    t = Table(
+        title=f"Probe bursts: {dyn.options.steps} steps each, p_t from up to {dyn.options.samples} moves per state (95% Wilson)",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+    )
+    t.add_column("setting", no_wrap=True)
+    for col in ("psi", "psi_rank", "p_t [95% CI]", "p_t unif", "blocked", "beta", "beta_eff", "loss", "verdict"):
+        t.add_column(col, justify="left" if col in ("verdict", "p_t [95% CI]", "loss") else "right", no_wrap=True)
+    for r in dyn.settings:
+        m = r.model_metrics()
+        label = r.id + (" *" if rec is not None and rec.setting == r.id else "")
+        sev = severity.get(r.id, "ok")
+        t.add_row(
+            label,
+            num(m["psi"], ".2f"),
+            num(m["psi_rank"], ".2f"),
+            interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]),
+            num(m["p_t_uniform"], ".2f"),
+            pct(m["blocked"], 0),
+            pct(m["beta"]),
+            pct(m["beta_eff"], 0),
+            f"{r.initial_loss:.3g} -> {m['loss']:.3g}",
+            Text(sev, style=SEVERITY_STYLE[sev]),
+        )
+    if rec is not None and rec.setting:
+        t.caption = "* recommended"
+    return t
+
+
+def _dynamic_layer_table(result, setting_id: str, max_rows: int) -> tuple[Table, int]:
+    r = next(s for s in result.dynamic.settings if s.id == setting_id)
+    metrics = r.layer_metrics()
+    verdicts = layer_verdicts(result, setting_id)
+    rank = {"error": 0, "warning": 1, "info": 2, "ok": 3}
+    order = list(metrics)
+    names = [n for n in order if r.layers[n].trainable]
+    frozen = len(order) - len(names)
+    names.sort(key=lambda n: (rank[verdicts.get(n, ("ok", []))[0]], order.index(n)))
+    t = Table(title=f"Layers of {setting_id}, most severe first", box=box.SIMPLE_HEAD, title_justify="left")
+    t.add_column("layer", overflow="fold", min_width=min(28, max((len(n) for n in names), default=5)))
+    for col in ("psi", "psi_rank", "r_star", "beta", "beta_prop", "beta_eff", "p_t surr"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("|du|/ULP", no_wrap=True)
+    t.add_column("verdict", min_width=12)
+    shown = names if max_rows <= 0 else names[:max_rows]
+    for name in shown:
+        m = metrics[name]
+        sev, vs = verdicts.get(name, ("ok", []))
+        hist = m["ulp_hist"]
+        t.add_row(
+            name,
+            num(m["psi"], ".2f"),
+            num(m["psi_rank"], ".2f"),
+            str(m["r_star"]) if m["r_star"] is not None else "-",
+            pct(m["beta"]),
+            pct(m["beta_proposed"]),
+            pct(m["beta_eff_elem"], 0),
+            num(m["p_t_surrogate"], ".2f"),
+            sparkline(list(hist.values())) if hist else "",
+            Text(", ".join(verdict_label(v) for v in vs) if vs else "ok", style=SEVERITY_STYLE[sev]),
+        )
+    t.caption = "beta_eff: activation elements whose cell changed; |du|/ULP: proposed steps, log2 bins 1/64..64"
+    if frozen:
+        t.caption += f"; {frozen} layers not trained here are not shown (psi counts them as uncaptured)"
+    return t, len(names) - len(shown)
+
+
+def _recommendation(result) -> Panel:
+    rec = result.recommendation
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    if rec.setting:
+        grid.add_row("setting", Text(rec.setting, style="bold green"))
+    else:
+        grid.add_row("setting", Text("none of the probed settings passes", style="bold red"))
+    grid.add_row("why", rec.reason)
+    snippet = peft_snippet(rec)
+    if snippet:
+        label = "or, cheaper" if rec.setting and rec.base_rank is not None else "rank_pattern"
+        grid.add_row(label, snippet)
+    if rec.keep_finer:
+        grid.add_row("keep finer", ", ".join(rec.keep_finer))
+    return Panel(grid, title="Recommendation", title_align="left", box=box.ROUNDED)
 
 
 def build_report(result, options: RenderOptions) -> Group:
@@ -129,6 +235,15 @@ def build_report(result, options: RenderOptions) -> Group:
     if hidden:
         layers.caption = f"{hidden} more layers (--max-rows 0 shows all)"
     parts.append(layers)
+    if result.dynamic is not None and result.dynamic.settings:
+        parts.append(_settings_table(result))
+        focus = result.recommendation.focus if result.recommendation else result.dynamic.settings[0].id
+        table, hidden_dyn = _dynamic_layer_table(result, focus, options.max_rows)
+        if hidden_dyn:
+            table.caption = (table.caption + "; " if table.caption else "") + f"{hidden_dyn} more layers (--max-rows 0 shows all)"
+        parts.append(table)
+        if result.recommendation is not None:
+            parts.append(_recommendation(result))
     findings = _findings(result, options.max_rows)
     if findings is not None:
         parts.append(findings)

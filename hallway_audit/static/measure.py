@@ -1,9 +1,16 @@
 """Per-tensor measurement: one quantize and one ulp per planned format.
 
-Written for throughput on large checkpoints: reductions use count_nonzero and
-float32 vector norms (bool .sum() and float64 casts are several times slower on
-CPU), and the ULP/|w| histogram reads a fixed-stride sample of at most
-HIST_SAMPLE weights per tensor (every weight for tensors up to that size).
+Written for throughput and bounded memory on large checkpoints:
+
+* plain float formats (fp32 ... fp4) are elementwise, so the tensor is measured in
+  chunks of CHUNK elements: every temporary stays cache-sized and peak memory is
+  the tensor as read plus a few chunks. Scaled formats (int8/int4/nf4/mx/nvfp4)
+  derive scales from whole channels, blocks or the tensor, so they are measured on
+  the whole tensor at once;
+* reductions use count_nonzero and float32 vector norms (bool .sum() and float64
+  casts are several times slower on CPU);
+* the ULP/|w| histogram reads a fixed-stride sample of at most HIST_SAMPLE weights
+  per tensor (every weight for tensors up to that size).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from ..lattice import Format
 from .tally import FormatTally, Tally, log2_histogram
 
 HIST_SAMPLE = 1 << 20
+CHUNK = 1 << 18
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -26,6 +34,49 @@ def _sq_norm(x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(x)) ** 2
 
 
+class _Part:
+    """One slice of a tensor as float32, non-finite entries zeroed, with its basics."""
+
+    def __init__(self, w: torch.Tensor, stride: int) -> None:
+        x = w.to(torch.float32)
+        self.finite: torch.Tensor | None = None
+        self.nonfinite = 0
+        if not torch.isfinite(x.sum()):  # one cheap reduction decides the common case
+            self.finite = torch.isfinite(x)
+            self.nonfinite = x.numel() - _count(self.finite)
+            x = torch.where(self.finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        self.x = x
+        self.absx = x.abs()
+        self.zeros = x.numel() - _count(x)  # counts the zeroed non-finite entries too
+        self.stride = stride
+        self.sample = self.absx.reshape(-1)[::stride]
+        self.sample_nz = self.sample != 0
+
+    def tally(self, fmt: Format, lr: float) -> FormatTally:
+        lattice = fmt.at(self.x)
+        q = lattice.quantize(self.x)
+        ulp = lattice.ulp(self.x)
+        saturated = self.absx > lattice.max_abs(self.x)
+        movable = ulp < 2.0 * lr  # lr > ulp/2
+        if self.finite is not None:
+            movable &= self.finite
+            saturated &= self.finite
+        n = self.x.numel() - self.nonfinite
+        ft = FormatTally(
+            n=n,
+            nonzero=self.x.numel() - self.zeros,
+            signal_sq=_sq_norm(self.x),
+            error_sq=_sq_norm(q - self.x),
+            saturated=_count(saturated),
+            flushed=(q.numel() - _count(q)) - self.zeros,  # Q(0) = 0, so these were nonzero
+            movable=_count(movable),
+        )
+        if ft.nonzero:
+            ulp_sample = ulp.reshape(-1)[:: self.stride]
+            ft.ulp_rel_hist = log2_histogram((ulp_sample / self.sample)[self.sample_nz])
+        return ft
+
+
 @torch.no_grad()
 def measure_tensor(w: torch.Tensor, formats: dict[str, Format], lr: float) -> Tally:
     """Tally one tensor against every planned format.
@@ -33,42 +84,24 @@ def measure_tensor(w: torch.Tensor, formats: dict[str, Format], lr: float) -> Ta
     Non-finite weights are counted and then left out of the format figures (they are
     a finding of their own, and one NaN would otherwise poison every ratio).
     """
-    x = w.detach().to(torch.float32)  # shape kept: scaled formats group by channel/block
-    nonfinite = 0
-    finite = None
-    if not torch.isfinite(x.sum()):  # one cheap reduction decides the common case
-        finite = torch.isfinite(x)
-        nonfinite = x.numel() - _count(finite)
-        x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    zeros = x.numel() - _count(x)  # includes the zeroed non-finite entries
-    tally = Tally(params=w.numel(), nonfinite=nonfinite, zeros=zeros - nonfinite)
-    n = w.numel() - nonfinite
-    nonzero = x.numel() - zeros
-    signal_sq = _sq_norm(x)
-    absx = x.abs()
-    stride = max(1, x.numel() // HIST_SAMPLE)
-    sample = absx.reshape(-1)[::stride]
-    sample_nz = sample != 0
-    for name, fmt in formats.items():
-        lattice = fmt.at(x)
-        q = lattice.quantize(x)
-        ulp = lattice.ulp(x)
-        saturated = absx > lattice.max_abs(x)
-        movable = ulp < 2.0 * lr  # lr > ulp/2
-        if finite is not None:
-            movable &= finite
-            saturated &= finite
-        ft = FormatTally(
-            n=n,
-            nonzero=nonzero,
-            signal_sq=signal_sq,
-            error_sq=_sq_norm(q - x),
-            saturated=_count(saturated),
-            flushed=(q.numel() - _count(q)) - zeros,  # Q(0) = 0, so these were nonzero
-            movable=_count(movable),
-        )
-        if nonzero:
-            ulp_sample = ulp.reshape(-1)[::stride]
-            ft.ulp_rel_hist = log2_histogram((ulp_sample / sample)[sample_nz])
-        tally.formats[name] = ft
+    w = w.detach()
+    stride = max(1, w.numel() // HIST_SAMPLE)
+    plain = {n: f for n, f in formats.items() if not f.scaled}
+    scaled = {n: f for n, f in formats.items() if f.scaled}
+    tally = Tally(params=w.numel())
+    for name in formats:
+        tally.formats[name] = FormatTally()
+    flat = w.reshape(-1)
+    # Chunks start at multiples of the stride, so the sample is the same as unchunked.
+    chunk = max(CHUNK // stride, 1) * stride
+    for start in range(0, max(flat.numel(), 1), chunk):
+        part = _Part(flat[start : start + chunk], stride)
+        tally.nonfinite += part.nonfinite
+        tally.zeros += part.zeros - part.nonfinite
+        for name, fmt in plain.items():
+            tally.formats[name] += part.tally(fmt, lr)
+    if scaled:
+        whole = _Part(w, stride)  # channel/block scales need the tensor's shape
+        for name, fmt in scaled.items():
+            tally.formats[name] += whole.tally(fmt, lr)
     return tally
