@@ -233,13 +233,14 @@ def test_default_yaml_static_run() -> None:
 def test_default_yaml_dynamic_messages() -> None:
     rs = load_rules(["default.yaml"])
     subjects = [
-        Subject("layer", "lora16", "attn.q", {"psi_rank": 0.62, "r_star": 48, "beta": 0.0, "lr": 1e-4, "format": "bf16"}),
+        Subject("layer", "lora16", "attn.q", {"psi_rank": 0.62, "r_star": 48, "beta": 0.0, "lr": 1e-4, "format": "bf16",
+                                               "rank": 16}),
         Subject("model", "lora16", None, {"psi": 0.95, "beta": 0.2, "beta_eff": 0.5, "p_t": 0.71, "p_t_lo": 0.6,
                                           "p_t_hi": 0.8, "p_t_val": 0.4}),
     ]
     out = evaluate(rs, subjects)
     [rank] = by_rule(out, "gradient-escapes-rank")
-    assert rank.message == "attn.q: the best update of the planned rank captures 62% of the gradient; r >= 48 captures 90%"
+    assert rank.message == "attn.q: the best rank-16 update captures 62.0% of the gradient; r >= 48 captures 90%"
     assert by_rule(out, "weights-do-not-cross-cells")[0].status == "fired"
     assert by_rule(out, "practitioner-rule-met")[0].status == "fired"
     assert by_rule(out, "hallway-does-not-generalize")[0].status == "fired"

@@ -147,10 +147,11 @@ def _settings_table(result) -> Table:
         title=f"Probe bursts: {dyn.options.steps} steps each, p_t from up to {dyn.options.samples} moves per state (95% Wilson)",
         box=box.SIMPLE_HEAD,
         title_justify="left",
+        padding=(0, 1),
     )
     t.add_column("setting", no_wrap=True)
-    for col in ("psi", "psi_rank", "p_t [95% CI]", "p_t unif", "blocked", "beta", "beta_eff", "loss", "verdict"):
-        t.add_column(col, justify="left" if col in ("verdict", "p_t [95% CI]", "loss") else "right", no_wrap=True)
+    for col in ("psi", "psi_rank", "p_t [95% CI]", "unif", "blocked", "beta", "beta_eff", "dloss", "verdict"):
+        t.add_column(col, justify="left" if col in ("verdict", "p_t [95% CI]") else "right", no_wrap=True)
     for r in dyn.settings:
         m = r.model_metrics()
         label = r.id + (" *" if rec is not None and rec.setting == r.id else "")
@@ -164,7 +165,7 @@ def _settings_table(result) -> Table:
             pct(m["blocked"], 0),
             pct(m["beta"]),
             pct(m["beta_eff"], 0),
-            f"{r.initial_loss:.3g} -> {m['loss']:.3g}",
+            f"{m['loss_delta']:+.3g}",
             Text(sev, style=SEVERITY_STYLE[sev]),
         )
     if rec is not None and rec.setting:
@@ -181,12 +182,12 @@ def _dynamic_layer_table(result, setting_id: str, max_rows: int) -> tuple[Table,
     names = [n for n in order if r.layers[n].trainable]
     frozen = len(order) - len(names)
     names.sort(key=lambda n: (rank[verdicts.get(n, ("ok", []))[0]], order.index(n)))
-    t = Table(title=f"Layers of {setting_id}, most severe first", box=box.SIMPLE_HEAD, title_justify="left")
-    t.add_column("layer", overflow="fold", min_width=min(28, max((len(n) for n in names), default=5)))
-    for col in ("psi", "psi_rank", "r_star", "beta", "beta_prop", "beta_eff", "p_t surr"):
+    t = Table(title=f"Layers of {setting_id}, most severe first", box=box.SIMPLE_HEAD, title_justify="left", padding=(0, 1))
+    t.add_column("layer", overflow="fold", min_width=min(34, max((len(n) for n in names), default=5)))
+    for col in ("psi", "psi_rank", "r_star", "beta", "beta_eff", "p_t surr"):
         t.add_column(col, justify="right", no_wrap=True)
     t.add_column("|du|/ULP", no_wrap=True)
-    t.add_column("verdict", min_width=12)
+    t.add_column("verdict", min_width=10)
     shown = names if max_rows <= 0 else names[:max_rows]
     for name in shown:
         m = metrics[name]
@@ -198,15 +199,14 @@ def _dynamic_layer_table(result, setting_id: str, max_rows: int) -> tuple[Table,
             num(m["psi_rank"], ".2f"),
             str(m["r_star"]) if m["r_star"] is not None else "-",
             pct(m["beta"]),
-            pct(m["beta_proposed"]),
             pct(m["beta_eff_elem"], 0),
             num(m["p_t_surrogate"], ".2f"),
             sparkline(list(hist.values())) if hist else "",
             Text(", ".join(verdict_label(v) for v in vs) if vs else "ok", style=SEVERITY_STYLE[sev]),
         )
-    t.caption = "beta_eff: activation elements whose cell changed; |du|/ULP: proposed steps, log2 bins 1/64..64"
+    t.caption = "beta_eff: activation cells changed; |du|/ULP: proposed steps, bins 1/64..64"
     if frozen:
-        t.caption += f"; {frozen} layers not trained here are not shown (psi counts them as uncaptured)"
+        t.caption += f"; {frozen} untrained layers not shown"
     return t, len(names) - len(shown)
 
 
