@@ -14,7 +14,7 @@ from .errors import ExitCode, UsageError
 from .probe import BurstOptions, DynamicResult, SweepSpec, resolve_device, run_sweep
 from .probe.burst import BurstProgress
 from .recommend import Recommendation, recommend
-from .rules import Outcome, RuleSet, evaluate, gate, load_rules
+from .rules import Outcome, RuleSet, evaluate, load_rules, severity_rank
 from .static import StaticResult, run_static
 from .static.audit import Progress
 from .subjects import dynamic_subjects, static_subjects
@@ -36,12 +36,45 @@ class CheckpointSummary:
 
 @dataclass(frozen=True)
 class Gate:
+    """The CI verdict. Findings of the checkpoint (static, or not tied to a probed
+    setting) always gate. With a sweep of probed settings the question is whether
+    the plan can train, so the dynamic part passes when at least one setting has no
+    gating finding; findings of the other settings are reported, not gating."""
+
     passed: bool
     fail_on: str
+    reason: str = ""
+    waived: frozenset[str] = frozenset()  # probed settings whose findings do not gate
 
     @property
     def exit_code(self) -> int:
         return int(ExitCode.OK if self.passed else ExitCode.GATE_FAILED)
+
+    def gates(self, outcome: Outcome) -> bool:
+        """Does this outcome fail the gate (the JUnit failures, the exit code)?"""
+        return (
+            outcome.status == "fired"
+            and self.fail_on != "never"
+            and severity_rank(outcome.rule.severity) <= severity_rank(self.fail_on)
+            and outcome.subject.setting not in self.waived
+        )
+
+
+def decide_gate(outcomes: list[Outcome], fail_on: str, dynamic: DynamicResult | None) -> Gate:
+    probed = [r.id for r in dynamic.settings] if dynamic is not None else []
+    if fail_on == "never":
+        return Gate(True, fail_on, "--fail-on never")
+    strict = Gate(False, fail_on)
+    blocked = {o.subject.setting for o in outcomes if strict.gates(o)}
+    checkpoint_fails = any(s not in probed for s in blocked)
+    passing = [sid for sid in probed if sid not in blocked]
+    if checkpoint_fails:
+        return Gate(False, fail_on, f"findings at or above {fail_on} in the checkpoint")
+    if probed and not passing:
+        return Gate(False, fail_on, f"every probed setting has findings at or above {fail_on}")
+    waived = frozenset(probed) if passing else frozenset()
+    reason = f"{len(passing)} of {len(probed)} probed settings pass" if probed else f"no findings at or above {fail_on}"
+    return Gate(True, fail_on, reason, waived)
 
 
 @dataclass
@@ -131,7 +164,7 @@ def audit(
     order = {r.id: i for i, r in enumerate(ruleset.rules)}
     outcomes.sort(key=lambda o: order[o.rule.id])
     recommendation = recommend(dyn_result, outcomes) if dyn_result is not None and dyn_result.settings else None
-    return AuditResult(summary, static, ruleset, outcomes, Gate(gate(outcomes, fail_on), fail_on), notes, dyn_result, recommendation)
+    return AuditResult(summary, static, ruleset, outcomes, decide_gate(outcomes, fail_on, dyn_result), notes, dyn_result, recommendation)
 
 
 def _run_dynamic(

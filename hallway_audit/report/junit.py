@@ -1,8 +1,9 @@
 """JUnit XML: each rule x subject a test case, so CI systems show the gate as tests.
 
-A fired rule is a <failure> only when its severity gates under --fail-on; a fired
-rule below the bar passes with its message in <system-out>, so the XML and the
-exit code always agree. Rules whose metrics were not measured are <skipped>.
+A fired rule is a <failure> only when it gates (severity at or above --fail-on, and
+not a probed setting waived because another setting of the sweep passes); other
+fired rules pass with their message in <system-out>, so the XML and the exit code
+always agree. Rules whose metrics were not measured are <skipped>.
 """
 
 from __future__ import annotations
@@ -10,9 +11,6 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from .base import Formatter, RenderOptions, register_formatter
-
-_GATING = {"error": {"error"}, "warning": {"error", "warning"}, "never": set()}
-
 
 def _case_name(outcome) -> str:
     s = outcome.subject
@@ -27,7 +25,6 @@ class JunitFormatter(Formatter):
     suffix = ".xml"
 
     def render(self, result, options: RenderOptions) -> str:
-        gating = _GATING[result.gate.fail_on]
         root = ET.Element("testsuites", name="hallway-audit")
         suites: dict[str, ET.Element] = {}
         totals = {"tests": 0, "failures": 0, "skipped": 0}
@@ -39,7 +36,7 @@ class JunitFormatter(Formatter):
                 per_suite[rid] = {"tests": 0, "failures": 0, "skipped": 0}
             case = ET.SubElement(suites[rid], "testcase", classname=f"hallway-audit.{rid}", name=_case_name(o))
             per_suite[rid]["tests"] += 1
-            if o.status == "fired" and o.rule.severity in gating:
+            if result.gate.gates(o):
                 failure = ET.SubElement(case, "failure", type=o.rule.severity, message=o.message)
                 failure.text = f"{o.rule.verdict}: {o.message}\nrule {rid} ({o.rule.source})"
                 per_suite[rid]["failures"] += 1

@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 from .base import Formatter, RenderOptions, register_formatter
-from .rows import human_bytes, human_count, num, pct, ranked_layers, severity_counts, skipped_rules
+from .rows import (
+    human_bytes,
+    human_count,
+    interval,
+    layer_verdicts,
+    num,
+    pct,
+    peft_snippet,
+    ranked_layers,
+    setting_severity,
+    severity_counts,
+    skipped_rules,
+    verdict_label,
+)
 
 _ICON = {"error": "❌", "warning": "⚠️", "info": "ℹ️", "ok": "✅"}
 
@@ -16,6 +29,56 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
     return out
+
+
+def _dynamic_sections(result, options: RenderOptions) -> list[str]:
+    dyn, rec = result.dynamic, result.recommendation
+    if dyn is None or not dyn.settings:
+        return []
+    severity = setting_severity(result)
+    lines = [
+        "",
+        "### Probe bursts",
+        "",
+        f"{dyn.model_source}; loss `{dyn.loss_name}`; {dyn.train_examples} train / {dyn.val_examples} held-out examples "
+        f"({dyn.tokens} tokens); {dyn.options.steps} steps per setting, seed {dyn.options.seed}.",
+        "",
+    ]
+    rows = []
+    for r in dyn.settings:
+        m = r.model_metrics()
+        star = " ⭐" if rec is not None and rec.setting == r.id else ""
+        rows.append([
+            f"`{r.id}`{star}", num(m["psi"], ".2f"), num(m["psi_rank"], ".2f"), interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]),
+            num(m["p_t_uniform"], ".2f"), pct(m["blocked"], 0), pct(m["beta"]), pct(m["beta_eff"], 0),
+            f"{m['loss_delta']:+.3g}", f"{_ICON[severity.get(r.id, 'ok')]} {severity.get(r.id, 'ok')}",
+        ])
+    lines += _table(["setting", "psi", "psi_rank", "p_t [95% CI]", "p_t uniform", "blocked", "beta", "beta_eff", "Δloss", "verdict"], rows)
+    if rec is not None:
+        lines += ["", "### Recommendation", ""]
+        if rec.setting:
+            lines.append(f"**`{rec.setting}`**: {rec.reason}.")
+        else:
+            lines.append(f"**None**: {rec.reason}.")
+        snippet = peft_snippet(rec)
+        if snippet:
+            lines += ["", "Per-layer ranks (PEFT):", "", "```python", snippet, "```"]
+        if rec.keep_finer:
+            lines += ["", "Keep in a finer format: " + ", ".join(f"`{m}`" for m in rec.keep_finer)]
+        focus = rec.focus
+        verdicts = layer_verdicts(result, focus)
+        flagged = [(name, v) for name, v in verdicts.items() if v[0] != "ok"]
+        if flagged:
+            r = next(s for s in dyn.settings if s.id == focus)
+            metrics = r.layer_metrics()
+            shown = flagged if options.max_rows <= 0 else flagged[: options.max_rows]
+            lines += ["", f"Layers of `{focus}` with findings:", ""]
+            lines += _table(
+                ["layer", "psi", "psi_rank", "r_star", "beta", "verdict"],
+                [[f"`{n}`", num(metrics[n]["psi"], ".2f"), num(metrics[n]["psi_rank"], ".2f"), str(metrics[n]["r_star"]),
+                  pct(metrics[n]["beta"]), f"{_ICON[sev]} {', '.join(verdict_label(x) for x in vs)}"] for n, (sev, vs) in shown],
+            )
+    return lines
 
 
 @register_formatter
@@ -45,6 +108,7 @@ class MarkdownFormatter(Formatter):
                 [f"`{fmt}`", num(s["rel_error"]), num(s["sqnr_db"], ".1f"), pct(s["saturated"], 3), pct(s["flushed"], 3), pct(s["beta_pred"])]
             )
         lines += _table(["format", "rel err", "SQNR dB", "saturated", "flushed", "beta_pred"], model_rows)
+        lines += _dynamic_sections(result, options)
         found = result.findings
         if found:
             shown = found if options.max_rows <= 0 else found[: options.max_rows]

@@ -167,6 +167,7 @@ def result_to_dict(result: AuditResult) -> dict[str, Any]:
         "settings": [_setting_dict(r) for r in result.dynamic.settings] if result.dynamic is not None else [],
         "recommendation": vars(result.recommendation) if result.recommendation is not None else None,
         "notes": list(result.notes),
-        "gate": {"passed": result.gate.passed, "fail_on": result.gate.fail_on, "exit_code": result.gate.exit_code},
+        "gate": {"passed": result.gate.passed, "fail_on": result.gate.fail_on, "exit_code": result.gate.exit_code,
+                 "reason": result.gate.reason},
     }
     return clean(doc)

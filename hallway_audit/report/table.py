@@ -55,7 +55,7 @@ def _summary(result) -> Panel:
     grid.add_row("findings", found)
     gate = result.gate
     verdict = Text("PASSED", style="bold green") if gate.passed else Text("FAILED", style="bold red")
-    verdict.append(f"  (fail-on {gate.fail_on}, exit {gate.exit_code})", style="dim")
+    verdict.append(f"  {gate.reason}; fail-on {gate.fail_on}, exit {gate.exit_code}", style="dim")
     grid.add_row("gate", verdict)
     return Panel(grid, title="hallway-audit", title_align="left", box=box.ROUNDED)
 
