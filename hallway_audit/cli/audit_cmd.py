@@ -131,7 +131,14 @@ def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr
         )
     elif model_spec or val or loss_spec:
         raise UsageError("--model, --val and --loss are for the dynamic audit: add --calib FILE")
-    rule_files = [] if no_rules else (list(rules) or ["default.yaml"])
+    if "fail_on" in plan and not _explicit(ctx, "fail_on"):
+        fail_on = str(plan["fail_on"])
+    if "device" in plan and not _explicit(ctx, "device"):
+        device = str(plan["device"])
+    plan_rules = plan.get("rules")
+    if isinstance(plan_rules, str):
+        plan_rules = [plan_rules]
+    rule_files = [] if no_rules else (list(rules) or list(plan_rules or []) or ["default.yaml"])
     show = not quiet and sys.stderr.isatty()
     with progress_reporter(enabled=show) as progress, burst_reporter(enabled=show) as burst_progress:
         result = audit(

@@ -149,12 +149,12 @@ def _settings_table(result) -> Table:
         title_justify="left",
         padding=(0, 1),
     )
-    t.add_column("setting", no_wrap=True)
+    t.add_column("setting", overflow="fold")
     for col in ("psi", "psi_rank", "p_t [95% CI]", "unif", "blocked", "beta", "beta_eff", "dloss", "verdict"):
         t.add_column(col, justify="left" if col in ("verdict", "p_t [95% CI]") else "right", no_wrap=True)
     for r in dyn.settings:
         m = r.model_metrics()
-        label = r.id + (" *" if rec is not None and rec.setting == r.id else "")
+        label = Text(r.id, style="bold green" if rec is not None and rec.setting == r.id else "")
         sev = severity.get(r.id, "ok")
         t.add_row(
             label,
@@ -168,8 +168,8 @@ def _settings_table(result) -> Table:
             f"{m['loss_delta']:+.3g}",
             Text(sev, style=SEVERITY_STYLE[sev]),
         )
-    if rec is not None and rec.setting:
-        t.caption = "* recommended"
+    if rec is not None:
+        t.caption = f"recommended: {rec.setting}" if rec.setting else "no probed setting passes every error rule"
     return t
 
 
