@@ -423,3 +423,25 @@ def test_target_presets_on_a_llama():
         select_targets(params, "nothing_here")
     with pytest.raises(UsageError, match="valid regex"):
         select_targets(params, "([")
+
+
+def test_uniform_proposal_noise_lies_in_the_subspace():
+    from hallway_audit.probe.pt import gaussian_in_subspace
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(8, 12), nn.Linear(12, 8))
+    sparse = Realization(Setting(PrecisionStack(), Subspace("sparse", sparsity=0.5, mask="2:4"), OptimizerSpec()),
+                         parameter_universe(module), param_dict(module), gen())
+    z = gaussian_in_subspace(sparse, sparse.stored(), gen(1))
+    for name, m in sparse.masks.items():
+        assert bool((z[name][~m] == 0).all()) and bool((z[name][m] != 0).all())
+    lora = lora_realization(module, rank=2)
+    with torch.no_grad():
+        for key in lora.adapter_keys():
+            if key.endswith("::B"):
+                lora.phi[key].copy_(torch.randn(lora.phi[key].shape, generator=gen(2)))
+    z = gaussian_in_subspace(lora, lora.stored(), gen(3))
+    again = lora.project(z)
+    for name in lora.trainable:
+        assert torch.allclose(again[name], z[name], atol=1e-5)
+        assert float(z[name].norm()) > 0

@@ -219,6 +219,7 @@ def run_burst(
             changed_total = moved_total = count_total = 0
             sq_norm = 0.0
             per_layer: dict[str, list[int]] = {}
+            layer_sq: dict[str, float] = {}  # this step's squared update norm per layer (weight + bias)
             for name in real.trainable:
                 proposed = proposed_stored[name] - stored[name]
                 changed, moved, hist = crossing_counts(fmt, stored[name], next_stored[name], proposed)
@@ -233,7 +234,9 @@ def run_burst(
                 count_total += proposed.numel()
                 n2 = _sq(proposed)
                 sq_norm += n2
-                layer_norms[d.name].append(n2)
+                layer_sq[d.name] = layer_sq.get(d.name, 0.0) + n2
+            for layer, n2 in layer_sq.items():
+                layer_norms[layer].append(n2)
             for layer, d in layers.items():
                 if layer in per_layer:
                     ch, mv, n = per_layer[layer]
