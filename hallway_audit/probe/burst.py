@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..lattice import get_format
+from ..model.data import MicroBatches, batch_size, take
 from .crossing import ActivationCells, activation_changes, crossing_counts
 from .engine import Batch, LossEvaluator, LossFn
 from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_values
@@ -51,36 +52,13 @@ class BurstOptions:
     probe_examples: int = 8
 
 
-def take(batch: Batch, idx: Tensor) -> dict[str, Tensor]:
-    return {k: v[idx.to(v.device)] for k, v in batch.items()}
-
-
-def batch_len(batch: Batch) -> int:
-    return int(next(iter(batch.values())).shape[0])
-
-
 def token_count(batch: Batch) -> int:
+    """Tokens a gradient rests on (examples, for batches without token ids)."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     if "input_ids" in batch:
         return int(batch["input_ids"].numel())
-    return batch_len(batch)
-
-
-class MicroSampler:
-    """Micro-batches drawn without replacement within an epoch, from a seeded generator."""
-
-    def __init__(self, batch: Batch, size: int, seed: int) -> None:
-        self.batch, self.n = batch, batch_len(batch)
-        self.size = max(1, min(size, self.n))
-        self.gen = torch.Generator().manual_seed(seed)
-        self.order: list[int] = []
-
-    def __call__(self) -> dict[str, Tensor]:
-        if len(self.order) < self.size:
-            self.order = torch.randperm(self.n, generator=self.gen).tolist()
-        idx, self.order = self.order[: self.size], self.order[self.size :]
-        return take(self.batch, torch.tensor(idx))
+    return batch_size(batch)
 
 
 def _adam_preconditioner(opt: torch.optim.Optimizer, keys: list[str], params: list[Tensor]) -> Callable[[Direction], Direction]:
@@ -135,14 +113,14 @@ def run_burst(
     layers = {p.layer: LayerDynamics(p.layer, trainable=False) for p in params}
     for name in real.trainable:
         layers[layer_of[name]].trainable = True
-    micro = MicroSampler(train, options.micro_batch, options.seed)
+    micro = MicroBatches(train, options.micro_batch, options.seed)
 
     # Activations probed for beta_eff: the linear layers this setting moves.
     linear_names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
     probed = [n for n in linear_names if f"{n}.weight" in trainable] or linear_names
     act_fmt = get_format(setting.precision.activations or setting.precision.weights)
     acts = ActivationCells(module, probed, act_fmt, quantize=setting.precision.activations is not None)
-    probe_batch = take(train, torch.arange(min(options.probe_examples, batch_len(train))))
+    probe_batch = take(train, torch.arange(min(options.probe_examples, batch_size(train))))
 
     total_work = options.steps + 1
     with acts.attached():
@@ -195,7 +173,7 @@ def run_burst(
         for t in range(options.steps):
             stored = real.stored()
             now = real.realized(stored)
-            micro_loss, g = evaluator.loss_and_grad(now, micro(), f"at step {t}")
+            micro_loss, g = evaluator.loss_and_grad(now, micro.next(), f"at step {t}")
             projected = real.project(g)
             cap: dict[str, float] = {}
             tot: dict[str, float] = {}
@@ -300,7 +278,7 @@ def run_burst(
                     evaluator=evaluator,
                     train=train,
                     val=val,
-                    micro=micro,
+                    micro=micro.next,
                     precondition=precondition,
                     radius=radius,
                     samples=options.samples,

@@ -6,8 +6,10 @@ It is a descent move when the realized (quantized) loss drops: a finite differen
 not the surrogate gradient. Proposals (SPEC §4):
 
 * optimizer: u = -R * normalize(normalize(D g_b) + sigma * normalize(z)), with g_b
-  a gradient on a resampled micro-batch, D the optimizer's preconditioner, z
-  Gaussian in S — descent-directed, with noise scaled to the signal;
+  the gradient of a freshly resampled micro-batch for every sample (so samples
+  are independent and the Wilson interval is honest), D the optimizer's
+  preconditioner, z Gaussian in S — descent-directed, with noise scaled to the
+  signal;
 * uniform: u uniform on the sphere of radius R in S (an isotropic Gaussian
   projected onto S, normalized).
 
@@ -123,11 +125,12 @@ def measure_pt(
         captured = sum(float(v.double().square().sum()) for v in real.project(g_val).values())
         total = sum(float(v.double().square().sum()) for v in g_val.values())
         out.psi_val = (captured / total) ** 0.5 if total > 0 else None
-    # A pool of preconditioned micro-batch gradients in W space (each lies in S).
-    pool: list[Direction] = []
-    for _ in range(max(1, min(8, samples))):
+
+    def proposal_signal() -> Direction:
+        """D g_b for a fresh micro-batch, as a W-space direction (it lies in S)."""
         _, g_b = evaluator.loss_and_grad(now, micro(), f"at step {step}")
-        pool.append(real.to_weight_space(precondition(real.phi_grad(g_b))))
+        return real.to_weight_space(precondition(real.phi_grad(g_b)))
+
     layers = sorted({layer_of[k] for k in real.trainable})
     out.surrogate = {layer: Rate() for layer in layers}
 
@@ -148,7 +151,7 @@ def measure_pt(
         return early_stop and rate.n >= 16 and rate.n % 8 == 0 and excludes_half(rate.successes, rate.n)
 
     for i in range(samples):
-        signal = normalized(pool[i % len(pool)])
+        signal = normalized(proposal_signal())
         noise = normalized(gaussian_in_subspace(real, signal, generator)) if sigma > 0 else None
         direction = normalized(combine(signal, noise, sigma)) if noise is not None else signal
         u = scaled(direction, -radius)
@@ -169,7 +172,8 @@ def measure_pt(
             rate = Rate()
             r_l = per_layer_radius.get(layer, 0.0)
             for i in range(samples):
-                sig = {k: pool[i % len(pool)][k] for k in keys}
+                full_signal = proposal_signal()
+                sig = {k: full_signal[k] for k in keys}
                 noise = gaussian_in_subspace(real, stored, generator)
                 d = normalized(sig)
                 if sigma > 0:

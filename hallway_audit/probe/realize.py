@@ -42,14 +42,14 @@ def _orthonormal_basis(m: Tensor) -> Tensor:
     return u[:, keep]
 
 
-def tangent_projection(g: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def tangent_projection(g: Tensor, a: Tensor, b: Tensor, bases: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """P_S(G) = P_B G + G P_A - P_B G P_A: the tangent space of W0 + s B A at (A, B).
 
     P_A, P_B are orthogonal projectors onto row(A) and col(B); at B = 0 this is G P_A.
-    Bases are r columns, so this is O(out * in * r), never an n x n projector.
+    Bases are r columns, so this is O(out * in * r), never an n x n projector;
+    `bases` = (basis of row(A), basis of col(B)) when the caller has them already.
     """
-    qb = _orthonormal_basis(b)
-    qa = _orthonormal_basis(a.T)
+    qa, qb = bases if bases is not None else (_orthonormal_basis(a.T), _orthonormal_basis(b))
     ga = (g @ qa) @ qa.T
     if qb.shape[1] == 0:
         return ga
@@ -140,6 +140,7 @@ class Realization:
         if self.master == "none":
             phi = {k: self.q(v) for k, v in phi.items()}  # weights start on the lattice
         self.phi = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
+        self._bases: dict[str, tuple[Tensor, Tensor]] = {}
         # What the forward sees of the parameters this setting does not move: fixed.
         moving = set(self.trainable)
         self.frozen = {name: self.q(base[name].to(torch.float32)) for name in base if name not in moving}
@@ -185,6 +186,7 @@ class Realization:
 
     @torch.no_grad()
     def restore(self, snap: dict[str, Tensor]) -> None:
+        self._bases.clear()
         for k, v in snap.items():
             self.phi[k].copy_(v)
 
@@ -220,13 +222,22 @@ class Realization:
                 out[name] = d_phi[name]
         return out
 
+    def _lora_bases(self, name: str) -> tuple[Tensor, Tensor]:
+        """Bases of row(A) and col(B), cached until phi changes (write_back, restore):
+        p_t projects many samples at one state, and each SVD would be redone."""
+        if name not in self._bases:
+            a, b = self.phi[name + _SEP + "A"].detach(), self.phi[name + _SEP + "B"].detach()
+            self._bases[name] = (_orthonormal_basis(a.T), _orthonormal_basis(b))
+        return self._bases[name]
+
     @torch.no_grad()
     def project(self, g: dict[str, Tensor]) -> dict[str, Tensor]:
         """P_S in W space: identity (full), the mask (sparse), the tangent space (LoRA)."""
         out = {}
         for name in self.trainable:
             if name in self.lora:
-                out[name] = tangent_projection(g[name], self.phi[name + _SEP + "A"], self.phi[name + _SEP + "B"])
+                a, b = self.phi[name + _SEP + "A"], self.phi[name + _SEP + "B"]
+                out[name] = tangent_projection(g[name], a, b, self._lora_bases(name))
             elif name in self.masks:
                 out[name] = g[name] * self.masks[name]
             else:
@@ -237,6 +248,7 @@ class Realization:
     def write_back(self) -> None:
         """After an optimizer step: masks stay enforced; without master weights, phi
         is rounded back onto the lattice with the setting's rounding mode."""
+        self._bases.clear()
         for name, m in self.masks.items():
             self.phi[name].mul_(m)
         if self.master == "none" and self.quantizes:

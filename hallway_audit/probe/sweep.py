@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .burst import BurstOptions, BurstProgress, batch_len, run_burst, token_count
+from ..model.data import batch_size
+from .burst import BurstOptions, BurstProgress, run_burst, token_count
 from .engine import Batch, LossFn
 from .result import SettingResult
 from .settings import Setting
@@ -60,8 +61,8 @@ def run_sweep(
         loss_name=loss_name,
         calib=calib,
         val=val_source,
-        train_examples=batch_len(train),
-        val_examples=batch_len(val) if val is not None else 0,
+        train_examples=batch_size(train),
+        val_examples=batch_size(val) if val is not None else 0,
         tokens=token_count(train),
         options=options,
         device=device,
@@ -71,17 +72,9 @@ def run_sweep(
 
 
 def resolve_device(spec: str) -> torch.device:
-    """auto -> cuda when present, else cpu; cpu; cuda; cuda:i."""
-    from ..errors import UsageError
+    """auto -> cuda when present, else cpu; otherwise any torch device string."""
+    from ..model.loaded import parse_device
 
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, not {spec!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: no CUDA device is available")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    return parse_device(spec)
