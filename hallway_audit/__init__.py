@@ -5,9 +5,9 @@ the registries (`get_format`, `open_checkpoint`, `load_rules`, `get_formatter`)
 are the extension points.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from .audit import AuditResult, CheckpointSummary, Gate, audit  # noqa: E402
+from .audit import AuditResult, CheckpointSummary, DynamicPlan, Gate, audit  # noqa: E402
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
@@ -20,6 +20,8 @@ from .errors import (  # noqa: E402
 )
 from .lattice import Format, Lattice, get_format, list_formats  # noqa: E402
 from .metrics import METRICS, Metric  # noqa: E402
+from .probe import BurstOptions, DynamicResult, Setting, SettingResult, SweepSpec  # noqa: E402
+from .recommend import Recommendation  # noqa: E402
 from .report import get_formatter  # noqa: E402
 from .rules import Outcome, RuleSet, Subject, evaluate, load_rules  # noqa: E402
 from .static import StaticResult, run_static  # noqa: E402
@@ -27,6 +29,13 @@ from .static import StaticResult, run_static  # noqa: E402
 __all__ = [
     "METRICS",
     "AuditResult",
+    "BurstOptions",
+    "DynamicPlan",
+    "DynamicResult",
+    "Recommendation",
+    "Setting",
+    "SettingResult",
+    "SweepSpec",
     "Checkpoint",
     "CheckpointError",
     "CheckpointSummary",

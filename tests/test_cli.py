@@ -231,3 +231,29 @@ def test_a_sweep_passes_the_gate_when_one_setting_passes(capsys):
     assert code == 0 and root.get("failures") == "0"  # the XML agrees with the exit code
     waived = [c for c in root.iter("testcase") if "bf16/r4" in c.get("name") and c.find("system-out") is not None]
     assert waived, "the failing setting's findings are still reported"
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")])
+def test_out_of_memory_is_exit_6_with_one_line(capsys, monkeypatch, mlp, exc):
+    # Exhausting the host's memory for real would take the test machine down with
+    # it; the failure is raised where a large tensor is measured instead.
+    import hallway_audit.static.audit as static_audit
+
+    def exhausted(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(static_audit, "measure_tensor", exhausted)
+    code, out, err = run(capsys, str(mlp))
+    assert code == 6 and out == ""
+    assert err.count("\n") == 1 and "out of memory" in err and "Traceback" not in err
+
+
+def test_unexpected_exception_is_exit_70_without_traceback(capsys, monkeypatch, mlp):
+    import hallway_audit.static.audit as static_audit
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(static_audit, "measure_tensor", broken)
+    code, _, err = run(capsys, str(mlp))
+    assert code == 70 and "internal error: ZeroDivisionError" in err and "Traceback" not in err
