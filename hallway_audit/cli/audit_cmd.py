@@ -28,7 +28,7 @@ def _wants_color(stream) -> bool:
 # overrides the plan file and the PEFT config.
 _SWEEP_FLAGS = ("precision", "act_precision", "rounding", "master_weights", "rank", "targets", "alpha", "rslora",
                 "sparsity", "lr", "optimizer")
-_BURST_FLAGS = ("steps", "samples", "seed", "p_every", "sigma", "micro_batch")
+_BURST_FLAGS = ("steps", "samples", "seed", "p_every", "sigma", "micro_batch", "eval_batch")
 
 
 def _explicit(ctx: click.Context, name: str) -> bool:
@@ -81,6 +81,8 @@ def _float_list(values: tuple[str, ...], flag: str) -> list[float]:
 @click.option("--p-every", type=click.IntRange(min=0), default=0, show_default=True, help="Measure p_t every N steps (0: first and last state).")
 @click.option("--sigma", type=click.FloatRange(min=0), default=0.5, show_default=True, help="Noise of the optimizer proposal, relative to its signal.")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per optimizer step.")
+@click.option("--eval-batch", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Examples of the fixed batch that judges realized losses, p_t moves and activation cells.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of micro-batches, adapters, masks and p_t samples.")
 @click.option("--per-layer-p", is_flag=True, help="Also measure realized p_t per layer (one sampling run per layer).")
 @click.option("--no-early-stop", is_flag=True, help="Always draw --samples moves, even once the interval excludes 1/2.")
@@ -91,7 +93,7 @@ def _float_list(values: tuple[str, ...], flag: str) -> list[float]:
 def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr, spectral, output_format, output,
                   fail_on, max_rows, device, quiet, calib, val, model_spec, loss_spec, rank, targets, alpha, rslora,
                   sparsity, act_precision, rounding, master_weights, optimizer, steps, samples, p_every, sigma,
-                  micro_batch, seed, per_layer_p, no_early_stop, max_length, plan_file, peft_config):
+                  micro_batch, eval_batch, seed, per_layer_p, no_early_stop, max_length, plan_file, peft_config):
     """Audit CHECKPOINT (.safetensors, sharded index or directory, Hugging Face
     directory, .onnx, .pt/.bin) against the planned formats and rule files; with
     --calib, also run probe bursts of every setting of the sweep."""
@@ -113,7 +115,8 @@ def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr
         "optimizer": _split_list(optimizer),
     }
     spec = from_mapping(spec, {k: v for k, v in flags.items() if _explicit(ctx, k)}, "command line")
-    burst_values = {"steps": steps, "samples": samples, "seed": seed, "p_every": p_every, "sigma": sigma, "micro_batch": micro_batch}
+    burst_values = {"steps": steps, "samples": samples, "seed": seed, "p_every": p_every, "sigma": sigma,
+                    "micro_batch": micro_batch, "eval_batch": eval_batch}
     for key in _BURST_FLAGS:
         if key in plan and not _explicit(ctx, key):
             burst_values[key] = plan[key]

@@ -49,7 +49,7 @@ class BurstOptions:
     psi_target: float = 0.9  # tau of r_star (the rule file's psi_target)
     per_layer_p: bool = False
     early_stop: bool = True
-    probe_examples: int = 8
+    eval_batch: int = 16  # the fixed evaluation batch: realized losses, p_t moves, activation cells
 
 
 def token_count(batch: Batch) -> int:
@@ -120,16 +120,19 @@ def run_burst(
     probed = [n for n in linear_names if f"{n}.weight" in trainable] or linear_names
     act_fmt = get_format(setting.precision.activations or setting.precision.weights)
     acts = ActivationCells(module, probed, act_fmt, quantize=setting.precision.activations is not None)
-    probe_batch = take(train, torch.arange(min(options.probe_examples, batch_size(train))))
+    # One fixed evaluation batch serves the realized train loss, the activation cells
+    # of beta_eff (one shared forward per step) and the p_t moves; the held-out loss
+    # uses the first examples of the held-out batch likewise.
+    eval_batch = take(train, torch.arange(min(options.eval_batch, batch_size(train))))
+    eval_val = take(val, torch.arange(min(options.eval_batch, batch_size(val)))) if val is not None else None
 
     total_work = options.steps + 1
     with acts.attached():
         stored = real.stored()
         now = real.realized(stored)
-        initial_loss = evaluator.loss(now, train, "at the start")
-        initial_val = evaluator.loss(now, val, "on the held-out batch at the start") if val is not None else None
         with acts.record() as cells:
-            evaluator.loss(now, probe_batch)
+            initial_loss = evaluator.loss(now, eval_batch, "at the start")
+        initial_val = evaluator.loss(now, eval_val, "on the held-out batch at the start") if eval_val is not None else None
         prev_cells = dict(cells)
 
         # psi_star / r_star from the gradient of the whole training split: a
@@ -233,10 +236,9 @@ def run_burst(
                     layers[layer].beta_adapter.append(ch / n)
 
             now = real.realized(next_stored)
-            loss = evaluator.loss(now, train, f"after step {t}")
-            val_loss = evaluator.loss(now, val, f"on the held-out batch after step {t}") if val is not None else None
             with acts.record() as cells:
-                evaluator.loss(now, probe_batch)
+                loss = evaluator.loss(now, eval_batch, f"after step {t}")
+            val_loss = evaluator.loss(now, eval_val, f"on the held-out batch after step {t}") if eval_val is not None else None
             changes = activation_changes(prev_cells, cells)
             prev_cells = dict(cells)
             for name, (ch, n) in changes.items():
@@ -277,7 +279,8 @@ def run_burst(
                     real=real,
                     evaluator=evaluator,
                     train=train,
-                    val=val,
+                    evaluation=eval_batch,
+                    val=eval_val,
                     micro=micro.next,
                     precondition=precondition,
                     radius=radius,

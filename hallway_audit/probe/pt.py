@@ -102,6 +102,7 @@ def measure_pt(
     real: Realization,
     evaluator: LossEvaluator,
     train: Batch,
+    evaluation: Batch,
     val: Batch | None,
     micro: Callable[[], Batch],
     precondition: Callable[[Direction], Direction],
@@ -113,11 +114,15 @@ def measure_pt(
     early_stop: bool = True,
     per_layer_radius: dict[str, float] | None = None,
 ) -> PtAtState:
-    """All p_t figures at the current state of `real` (its phi is left unchanged)."""
+    """All p_t figures at the current state of `real` (its phi is left unchanged).
+
+    Moves are judged on the fixed `evaluation` batch (and `val`); the surrogate uses
+    the gradient of the whole training split `train`.
+    """
     out = PtAtState(step=step, radius=radius, val=Rate() if val is not None else None)
     stored = real.stored()
     now = real.realized(stored)
-    base = evaluator.loss(now, train, f"at step {step}")
+    base = evaluator.loss(now, evaluation, f"at step {step}")
     base_val = evaluator.loss(now, val, f"on the held-out batch at step {step}") if val is not None else None
     _, g_full = evaluator.loss_and_grad(now, train, f"at step {step}")
     if val is not None:
@@ -142,7 +147,7 @@ def measure_pt(
             if val_rate is not None:
                 val_rate.add(False)
             return True
-        rate.add(evaluator.loss(moved, train, f"for a p_t move at step {step}") < base)
+        rate.add(evaluator.loss(moved, evaluation, f"for a p_t move at step {step}") < base)
         if val_rate is not None:
             val_rate.add(evaluator.loss(moved, val, f"for a p_t move at step {step}") < base_val)
         return False

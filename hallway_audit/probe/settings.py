@@ -238,7 +238,7 @@ def from_mapping(spec: SweepSpec, data: Mapping[str, object], source: str) -> Sw
 
     known = {"precision", "act_precision", "rounding", "master_weights", "rank", "targets", "alpha", "rslora",
              "rank_pattern", "sparsity", "lr", "optimizer", "steps", "samples", "seed", "p_every", "sigma",
-             "micro_batch", "device", "loss", "calib", "val", "model", "rules", "fail_on"}
+             "micro_batch", "eval_batch", "device", "loss", "calib", "val", "model", "rules", "fail_on"}
     for key in data:
         if key.replace("-", "_") not in known:
             raise UsageError(f"{source}: unknown plan key {key!r} (known: {', '.join(sorted(known))})")

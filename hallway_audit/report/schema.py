@@ -139,6 +139,7 @@ def _dynamic_dict(d) -> dict[str, Any]:
         "sigma": o.sigma,
         "seed": o.seed,
         "micro_batch": o.micro_batch,
+        "eval_batch": o.eval_batch,
         "p_every": o.p_every,
         "psi_target": o.psi_target,
         "per_layer_p": o.per_layer_p,
