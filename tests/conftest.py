@@ -10,6 +10,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The suite's models are tiny: OpenMP threads only cost time, and on a busy
+    2-core machine two spinning threads per process slow a test down many times."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def ckpt_tiny_model() -> torch.nn.Module:
     """A small deterministic MLP with a norm layer (fp32, eval mode)."""

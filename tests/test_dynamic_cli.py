@@ -24,15 +24,6 @@ MODEL_KEYS = ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_hi", "p_t_uniform", "p_t_
 TINY = ("--steps", "2", "--samples", "16", "--micro-batch", "4", "-q")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP threads only cost time (and a lot of it on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def run(capsys, *argv: str) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

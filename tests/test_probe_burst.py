@@ -25,15 +25,6 @@ from hallway_audit.probe.psi import psi_star_at, psi_star_curve, r_star, singula
 from hallway_audit.probe.realize import Realization, magnitude_mask, two_four_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP threads only cost time (and a lot of it on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -34,15 +34,6 @@ from hallway_audit.probe.stats import excludes_half
 from hallway_audit.probe.targets import param_dict, parameter_universe, select_targets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP threads only cost time (and a lot of it on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
