@@ -436,3 +436,21 @@ def test_uniform_proposal_noise_lies_in_the_subspace():
     for name in lora.trainable:
         assert torch.allclose(again[name], z[name], atol=1e-5)
         assert float(z[name].norm()) > 0
+
+
+@pytest.mark.parametrize(("fmt_name", "grow"), [("int8", 1.02), ("int4", 1.02), ("nf4", 1.02), ("nvfp4", 1.5)])
+def test_a_rescale_alone_is_not_a_boundary_crossing(fmt_name, grow):
+    """Growing a row's absmax moves every lattice point of a scaled format a little;
+    beta counts weights that left their cell on the lattice they were on."""
+    from hallway_audit.lattice import get_format
+    from hallway_audit.probe.crossing import cell_changes
+
+    fmt = get_format(fmt_name)
+    before = torch.randn(4, 256, generator=gen(3))
+    after = before.clone()
+    i = int(before[0].abs().argmax())
+    after[0, i] *= grow  # one weight moves; the row's (block's) scale moves with it
+    requantized = int(torch.count_nonzero(fmt.at(after).quantize(after) != fmt.at(before).quantize(before)))
+    assert requantized > 1  # comparing re-quantized values would count the rescale everywhere
+    assert cell_changes(fmt, before, after) <= 1
+    assert cell_changes(fmt, before, before) == 0

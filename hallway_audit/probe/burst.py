@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..lattice import get_format
 from ..model.data import MicroBatches, batch_size, take
-from .crossing import ActivationCells, activation_changes, crossing_counts
+from .crossing import ActivationCells, activation_changes, cell_changes, crossing_counts
 from .engine import Batch, LossEvaluator, LossFn
 from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_values
 from .pt import Direction, measure_pt
@@ -228,7 +228,7 @@ def run_burst(
                 for k in real.adapter_keys():
                     name = k.split("::")[0]
                     before, after = phi_before[k], real.phi[k].detach()
-                    ch = int((real.q(after) != real.q(before)).sum())
+                    ch = cell_changes(fmt, before, after)
                     c = adapter_changes.setdefault(layer_of[name], [0, 0])
                     c[0] += ch
                     c[1] += before.numel()

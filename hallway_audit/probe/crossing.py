@@ -28,18 +28,27 @@ def ulp_histogram(delta: Tensor, ulp: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def cell_changes(fmt: Format, before: Tensor, after: Tensor) -> int:
+    """Weights whose cell changed, on the lattice `before` lives on.
+
+    The lattice is fixed at `before` (scales computed from it): a per-channel int8
+    or nf4 scale that moves with the tensor's absmax would otherwise shift every
+    quantized value a little and count as a crossing everywhere; a boundary
+    crossing is a weight leaving its cell.
+    """
+    lattice = fmt.at(before)
+    return int(torch.count_nonzero(lattice.cell_id(after) != lattice.cell_id(before)))
+
+
+@torch.no_grad()
 def crossing_counts(fmt: Format, before: Tensor, after: Tensor, proposed: Tensor) -> tuple[int, int, Tensor]:
     """(cells changed, proposed steps > ULP/2, histogram) for one weight tensor.
 
-    A cell changed when the quantized value changed: Q(after) != Q(before). This is
-    what happened, whatever the rounding mode or master weights; for scaled formats
-    the scale is recomputed from each tensor as the format prescribes.
+    Cells changed is what happened, whatever the rounding mode or master weights.
     """
-    lat_before = fmt.at(before)
-    changed = int((fmt.at(after).quantize(after) != lat_before.quantize(before)).sum())
-    lattice_ulp = lat_before.ulp(before)
-    moved = int((proposed.abs() > lattice_ulp / 2).sum())
-    return changed, moved, ulp_histogram(proposed, lattice_ulp)
+    lattice_ulp = fmt.at(before).ulp(before)
+    moved = int(torch.count_nonzero(proposed.abs() > lattice_ulp / 2))
+    return cell_changes(fmt, before, after), moved, ulp_histogram(proposed, lattice_ulp)
 
 
 class ActivationCells:
