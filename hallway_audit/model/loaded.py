@@ -1,7 +1,7 @@
 """What building a model yields, and the one way every builder finishes it.
 
 Both builders (Hugging Face directories, --model factories) end in `finish`, so
-every LoadedModel is float32, on its device and in eval() mode, whatever the
+every LoadedModel is float32, on its device and in evaluation mode (module.eval()), whatever the
 checkpoint's stored dtype or the factory's defaults.
 """
 
@@ -29,11 +29,11 @@ class LoadedModel:
     """A runnable model for the dynamic audit.
 
     `module` is float32 (the probe measures the formats it plans against an
-    exact reference), on the requested device, and in eval() mode: the p_t
+    exact reference), on the requested device, and in evaluation mode (module.eval()): the p_t
     finite differences compare the loss at two weight vectors, and dropout
     would add a fresh random mask to each side (noise larger than the moves
     measured), while train-mode BatchNorm would rewrite its running statistics
-    on every probe forward. Gradients still flow in eval() mode.
+    on every probe forward. Gradients still flow in evaluation mode (module.eval()).
     """
 
     module: torch.nn.Module
