@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..lattice import get_format
+from ..lattice import Format, get_format
 from ..model.data import MicroBatches, batch_size, take
 from .crossing import ActivationCells, activation_changes, cell_changes, crossing_counts
 from .engine import Batch, LossEvaluator, LossFn
@@ -87,6 +87,115 @@ def _sq(t: Tensor) -> float:
     return float(t.double().square().sum())
 
 
+def _rank_capture(
+    params: list[ParamInfo],
+    g_full: dict[str, Tensor],
+    real: Realization,
+    layers: dict[str, LayerDynamics],
+    tau: float,
+) -> float | None:
+    """psi_star(r), r_star and matrix rank per linear layer, psi_rank per layer; returns
+    the model's psi_rank. A target's best rank-r capture is psi_star(r)^2 ||G||^2; a
+    parameter trained densely captures all of ||G||^2, a masked one ||G * mask||^2,
+    a frozen one nothing."""
+    trainable = set(real.trainable)
+    projected = real.project({n: g_full[n] for n in real.trainable}) if real.masks else {}
+    captured: dict[str, float] = {}
+    for p in params:
+        g = g_full[p.name]
+        if p.linear:
+            curve = psi_star_curve(singular_values(g))
+            d = layers[p.layer]
+            d.matrix_rank = int(curve.numel())
+            d.psi_star = {r: psi_star_at(curve, r) for r in powers_of_two(curve.numel())}
+            d.r_star = r_star(curve, tau)
+            if p.name in real.lora:
+                d.planned_rank = real.lora[p.name][1]
+                captured[p.name] = psi_star_at(curve, d.planned_rank) ** 2 * _sq(g)
+                continue
+        if p.name in real.masks:
+            captured[p.name] = _sq(projected[p.name])
+        elif p.name in trainable:
+            captured[p.name] = _sq(g)
+        else:
+            captured[p.name] = 0.0
+    names_of: dict[str, list[str]] = {}
+    for p in params:
+        names_of.setdefault(p.layer, []).append(p.name)
+    for layer, d in layers.items():
+        names = names_of.get(layer, [])
+        total = sum(_sq(g_full[n]) for n in names)
+        if real.kind == "lora" and not any(n in real.lora for n in names):
+            d.psi_rank = None  # not a target: the model-level psi_rank counts it
+        else:
+            d.psi_rank = (sum(captured[n] for n in names) / total) ** 0.5 if total > 0 else None
+    all_total = sum(_sq(g) for g in g_full.values())
+    return (sum(captured.values()) / all_total) ** 0.5 if all_total > 0 else None
+
+
+def _record_psi(params: list[ParamInfo], g: dict[str, Tensor], real: Realization, layers: dict[str, LayerDynamics]) -> float | None:
+    """psi of this step's micro-batch gradient per layer (appended) and for the model."""
+    projected = real.project(g)
+    cap: dict[str, float] = {}
+    tot: dict[str, float] = {}
+    for p in params:
+        tot[p.layer] = tot.get(p.layer, 0.0) + _sq(g[p.name])
+        cap[p.layer] = cap.get(p.layer, 0.0) + (_sq(projected[p.name]) if p.name in projected else 0.0)
+    for layer, d in layers.items():
+        d.psi.append((cap[layer] / tot[layer]) ** 0.5 if tot[layer] > 0 else None)
+    total = sum(tot.values())
+    return (sum(cap.values()) / total) ** 0.5 if total > 0 else None
+
+
+def _record_crossings(
+    real: Realization,
+    fmt: Format,
+    stored: dict[str, Tensor],
+    proposed_stored: dict[str, Tensor],
+    next_stored: dict[str, Tensor],
+    layers: dict[str, LayerDynamics],
+    layer_of: dict[str, str],
+    layer_norms: dict[str, list[float]],
+) -> tuple[float | None, float | None, float]:
+    """beta, beta_proposed and the ULP histogram per layer (appended); returns the
+    model's beta, beta_proposed and the step's W-space update norm."""
+    per_layer: dict[str, list[float]] = {}  # changed, moved, count, squared norm
+    for name in real.trainable:
+        proposed = proposed_stored[name] - stored[name]
+        changed, moved, hist = crossing_counts(fmt, stored[name], next_stored[name], proposed)
+        d = layers[layer_of[name]]
+        d.hist += hist
+        c = per_layer.setdefault(d.name, [0, 0, 0, 0.0])
+        c[0] += changed
+        c[1] += moved
+        c[2] += proposed.numel()
+        c[3] += _sq(proposed)
+    for layer, (ch, mv, n, n2) in per_layer.items():
+        layers[layer].beta.append(ch / n)
+        layers[layer].beta_proposed.append(mv / n)
+        layer_norms[layer].append(n2)  # weight and bias together: the layer's step
+    changed, moved, count, sq = (sum(c[i] for c in per_layer.values()) for i in range(4))
+    return (changed / count if count else None), (moved / count if count else None), sq**0.5
+
+
+def _record_adapter_crossings(
+    real: Realization,
+    fmt: Format,
+    phi_before: dict[str, Tensor],
+    layers: dict[str, LayerDynamics],
+    layer_of: dict[str, str],
+) -> None:
+    """beta_adapter: LoRA adapter parameters whose cell changed in the step."""
+    per_layer: dict[str, list[int]] = {}
+    for k in real.adapter_keys():
+        before, after = phi_before[k], real.phi[k].detach()
+        c = per_layer.setdefault(layer_of[k.split("::")[0]], [0, 0])
+        c[0] += cell_changes(fmt, before, after)
+        c[1] += before.numel()
+    for layer, (ch, n) in per_layer.items():
+        layers[layer].beta_adapter.append(ch / n)
+
+
 def run_burst(
     setting: Setting,
     module: nn.Module,
@@ -138,34 +247,7 @@ def run_burst(
         # psi_star / r_star from the gradient of the whole training split: a
         # micro-batch gradient has rank <= its token count and would flatter low ranks.
         _, g_full = evaluator.loss_and_grad(now, train, "at the start")
-        captured_rank: dict[str, float] = {}
-        for p in params:
-            g = g_full[p.name]
-            if p.linear:
-                curve = psi_star_curve(singular_values(g))
-                d = layers[p.layer]
-                d.matrix_rank = int(curve.numel())
-                d.psi_star = {r: psi_star_at(curve, r) for r in powers_of_two(curve.numel())}
-                d.r_star = r_star(curve, options.psi_target)
-                if p.name in real.lora:
-                    rank = real.lora[p.name][1]
-                    d.planned_rank = rank
-                    captured_rank[p.name] = psi_star_at(curve, rank) ** 2 * _sq(g)
-            if p.name not in captured_rank:
-                if p.name in trainable and p.name not in real.lora:
-                    captured_rank[p.name] = _sq(real.project({n: g_full[n] for n in real.trainable})[p.name]) \
-                        if p.name in real.masks else _sq(g)
-                else:
-                    captured_rank[p.name] = 0.0
-        for layer, d in layers.items():
-            names = [p.name for p in params if p.layer == layer]
-            total = sum(_sq(g_full[n]) for n in names)
-            if real.kind == "lora" and not any(n in real.lora for n in names):
-                d.psi_rank = None  # not a target: the model-level psi_rank counts it
-            else:
-                d.psi_rank = (sum(captured_rank[n] for n in names) / total) ** 0.5 if total > 0 else None
-        all_total = sum(_sq(g) for g in g_full.values())
-        psi_rank = (sum(captured_rank.values()) / all_total) ** 0.5 if all_total > 0 else None
+        psi_rank = _rank_capture(params, g_full, real, layers, options.psi_target)
         if progress:
             progress(setting.id, "burst", 1, total_work)
 
@@ -177,15 +259,7 @@ def run_burst(
             stored = real.stored()
             now = real.realized(stored)
             micro_loss, g = evaluator.loss_and_grad(now, micro.next(), f"at step {t}")
-            projected = real.project(g)
-            cap: dict[str, float] = {}
-            tot: dict[str, float] = {}
-            for p in params:
-                tot[p.layer] = tot.get(p.layer, 0.0) + _sq(g[p.name])
-                cap[p.layer] = cap.get(p.layer, 0.0) + (_sq(projected[p.name]) if p.name in projected else 0.0)
-            for layer, d in layers.items():
-                d.psi.append((cap[layer] / tot[layer]) ** 0.5 if tot[layer] > 0 else None)
-            psi_model = (sum(cap.values()) / sum(tot.values())) ** 0.5 if sum(tot.values()) > 0 else None
+            psi_model = _record_psi(params, g, real, layers)
 
             phi_before = {k: v.detach().clone() for k, v in real.phi.items()} if real.lora else None
             grads = real.phi_grad(g)
@@ -197,43 +271,11 @@ def run_burst(
             real.write_back()
             next_stored = real.stored()
 
-            changed_total = moved_total = count_total = 0
-            sq_norm = 0.0
-            per_layer: dict[str, list[int]] = {}
-            layer_sq: dict[str, float] = {}  # this step's squared update norm per layer (weight + bias)
-            for name in real.trainable:
-                proposed = proposed_stored[name] - stored[name]
-                changed, moved, hist = crossing_counts(fmt, stored[name], next_stored[name], proposed)
-                d = layers[layer_of[name]]
-                d.hist += hist
-                c = per_layer.setdefault(d.name, [0, 0, 0])
-                c[0] += changed
-                c[1] += moved
-                c[2] += proposed.numel()
-                changed_total += changed
-                moved_total += moved
-                count_total += proposed.numel()
-                n2 = _sq(proposed)
-                sq_norm += n2
-                layer_sq[d.name] = layer_sq.get(d.name, 0.0) + n2
-            for layer, n2 in layer_sq.items():
-                layer_norms[layer].append(n2)
-            for layer, d in layers.items():
-                if layer in per_layer:
-                    ch, mv, n = per_layer[layer]
-                    d.beta.append(ch / n)
-                    d.beta_proposed.append(mv / n)
+            beta, beta_proposed, update_norm = _record_crossings(
+                real, fmt, stored, proposed_stored, next_stored, layers, layer_of, layer_norms
+            )
             if phi_before is not None:
-                adapter_changes: dict[str, list[int]] = {}
-                for k in real.adapter_keys():
-                    name = k.split("::")[0]
-                    before, after = phi_before[k], real.phi[k].detach()
-                    ch = cell_changes(fmt, before, after)
-                    c = adapter_changes.setdefault(layer_of[name], [0, 0])
-                    c[0] += ch
-                    c[1] += before.numel()
-                for layer, (ch, n) in adapter_changes.items():
-                    layers[layer].beta_adapter.append(ch / n)
+                _record_adapter_crossings(real, fmt, phi_before, layers, layer_of)
 
             now = real.realized(next_stored)
             with acts.record() as cells:
@@ -253,11 +295,11 @@ def run_burst(
                     val_loss=val_loss,
                     micro_loss=micro_loss,
                     psi=psi_model,
-                    beta=changed_total / count_total if count_total else None,
-                    beta_proposed=moved_total / count_total if count_total else None,
+                    beta=beta,
+                    beta_proposed=beta_proposed,
                     beta_eff=tensors_changed / len(changes) if changes else None,
                     beta_eff_elem=sum(ch for ch, _ in changes.values()) / elems if elems else None,
-                    update_norm=sq_norm**0.5,
+                    update_norm=update_norm,
                 )
             )
             if t + 1 in p_states:
