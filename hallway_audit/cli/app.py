@@ -28,13 +28,15 @@ def cli() -> None:
     """Audit a checkpoint before a fine-tuning or low-precision training job.
 
     \b
-      hallway-audit CHECKPOINT [OPTIONS]        audit (the default command)
+      hallway-audit CHECKPOINT [OPTIONS]        audit (the default command; --calib for probe bursts)
       hallway-audit rules validate FILE...      check rule files
       hallway-audit rules list [FILE...]        show the rules of bundled or given files
       hallway-audit formats                     the number formats and their lattices
 
     Exit codes: 0 gate passed, 1 gate failed, 2 usage error, 3 unreadable
-    checkpoint, 4 invalid rule file, 5 report not written, 6 out of memory.
+    checkpoint, 4 invalid rule file, 5 report not written, 6 out of memory,
+    7 model cannot be built or does not fit the checkpoint, 8 calibration data or
+    loss unusable, 70 internal error.
     """
 
 
