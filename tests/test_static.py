@@ -119,3 +119,20 @@ def test_spectral_is_opt_in(tmp_path):
     assert off.layer("net.0").spectral is None
     assert 1.0 <= on.layer("net.0").spectral["stable_rank"] <= 32
     assert on.layer("norm").spectral == {"stable_rank": None, "effective_rank": None}
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"])
+def test_movable_threshold_equals_the_per_weight_ulp_test(name):
+    """The static fast path (one compare against a binade threshold) counts exactly
+    the weights with ulp(w) < 2 lr, for values across every binade, zero, subnormals,
+    max finite and beyond, and lrs on and off half-ulp boundaries."""
+    from hallway_audit.static.measure import movable_below
+
+    fmt = get_format(name)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(50_000, generator=g) * 2 - 1) * torch.exp2(torch.randint(-149, 127, (50_000,), generator=g).float())
+    edges = [0.0, -0.0, 2.0**-149, 2.0**-126, fmt.max_finite, fmt.max_finite * 1.001, 3e38]
+    x = torch.cat([x, torch.tensor(edges, dtype=torch.float32)])
+    for lr in (1e-30, 1e-8, 1e-5, 1e-4, 2.0**-8, 2.0**-9, 1e-2, 0.5, 10.0, 1e6, 1e30):
+        fast = x.abs() < movable_below(fmt, lr)
+        assert torch.equal(fast, fmt.ulp(x) < 2 * lr), lr

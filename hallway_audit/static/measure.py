@@ -15,6 +15,9 @@ Written for throughput and bounded memory on large checkpoints:
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
 from ..lattice import Format
@@ -32,6 +35,28 @@ def _sq_norm(x: torch.Tensor) -> float:
     # float32 accumulation (pairwise in torch): ~1e-6 relative, which a relative
     # error or an SQNR in dB never shows; float64 would triple the audit's time.
     return float(torch.linalg.vector_norm(x)) ** 2
+
+
+_BINADES = torch.tensor([2.0**e for e in range(-149, 128)], dtype=torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def movable_below(fmt: Format, lr: float) -> float:
+    """For a plain float format: T such that ulp(w) < 2 lr exactly when |w| < T.
+
+    ulp is constant within a binade [2^e, 2^(e+1)) and never decreases with |w|
+    (zero and subnormals share the smallest binade's), so the weights an lr-sized
+    step moves are those below the first binade whose ulp reaches 2 lr: one compare
+    per weight instead of an ulp per weight.
+    """
+    ulps = fmt.ulp(_BINADES)
+    reach = torch.nonzero(ulps >= 2.0 * lr)
+    if not reach.numel():
+        return math.inf
+    first = int(reach[0])
+    # Zero shares the smallest binade's ulp: if that one already reaches 2 lr, no
+    # weight moves, zero included (a threshold of 2^-149 would let zero through).
+    return 0.0 if first == 0 else float(_BINADES[first])
 
 
 class _Part:
@@ -55,9 +80,15 @@ class _Part:
     def tally(self, fmt: Format, lr: float) -> FormatTally:
         lattice = fmt.at(self.x)
         q = lattice.quantize(self.x)
-        ulp = lattice.ulp(self.x)
-        saturated = self.absx > lattice.max_abs(self.x)
-        movable = ulp < 2.0 * lr  # lr > ulp/2
+        if fmt.scaled:  # per-element scales: ulp and range vary with the block
+            ulp = lattice.ulp(self.x)
+            saturated = self.absx > lattice.max_abs(self.x)
+            movable = ulp < 2.0 * lr  # lr > ulp/2
+            ulp_sample = ulp.reshape(-1)[:: self.stride]
+        else:  # one lattice for every element: thresholds instead of per-weight ulps
+            saturated = self.absx > fmt.max_finite
+            movable = self.absx < movable_below(fmt, lr)
+            ulp_sample = lattice.ulp(self.x.reshape(-1)[:: self.stride])
         if self.finite is not None:
             movable &= self.finite
             saturated &= self.finite
@@ -72,7 +103,6 @@ class _Part:
             movable=_count(movable),
         )
         if ft.nonzero:
-            ulp_sample = ulp.reshape(-1)[:: self.stride]
             ft.ulp_rel_hist = log2_histogram((ulp_sample / self.sample)[self.sample_nz])
         return ft
 
