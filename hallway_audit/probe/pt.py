@@ -155,7 +155,7 @@ def measure_pt(
     def done(rate: Rate) -> bool:
         return early_stop and rate.n >= 16 and rate.n % 8 == 0 and excludes_half(rate.successes, rate.n)
 
-    for i in range(samples):
+    for _ in range(samples):
         signal = normalized(proposal_signal())
         noise = normalized(gaussian_in_subspace(real, signal, generator)) if sigma > 0 else None
         direction = normalized(combine(signal, noise, sigma)) if noise is not None else signal
@@ -176,7 +176,7 @@ def measure_pt(
             keys = [k for k in real.trainable if layer_of[k] == layer]
             rate = Rate()
             r_l = per_layer_radius.get(layer, 0.0)
-            for i in range(samples):
+            for _ in range(samples):
                 full_signal = proposal_signal()
                 sig = {k: full_signal[k] for k in keys}
                 noise = gaussian_in_subspace(real, stored, generator)

@@ -252,7 +252,7 @@ class Realization:
         for name, m in self.masks.items():
             self.phi[name].mul_(m)
         if self.master == "none" and self.quantizes:
-            for key, p in self.phi.items():
+            for p in self.phi.values():
                 p.copy_(self.q(p, self.rounding))
 
     def adapter_keys(self) -> list[str]:
