@@ -14,15 +14,13 @@ from .errors import ExitCode, UsageError
 from .probe import BurstOptions, DynamicResult, SweepSpec, resolve_device, run_sweep
 from .probe.burst import BurstProgress
 from .recommend import Recommendation, recommend
-from .rules import Outcome, RuleSet, evaluate, load_rules, severity_rank
+from .rules import FAIL_ON, Outcome, RuleSet, evaluate, load_rules, severity_rank
 from .static import StaticResult, run_static
 from .static.audit import Progress
 from .subjects import dynamic_subjects, static_subjects
 
 DEFAULT_FORMATS = ("bf16", "fp8_e4m3")
 DEFAULT_LR = 1e-4
-FAIL_ON = ("error", "warning", "never")
-_SEVERITY_RANK = {"error": 0, "warning": 1, "info": 2}
 
 
 @dataclass(frozen=True)
@@ -107,7 +105,7 @@ class AuditResult:
         fired = [o for o in self.outcomes if o.status == "fired"]
         return sorted(
             fired,
-            key=lambda o: (_SEVERITY_RANK[o.rule.severity], o.subject.layer or "", o.subject.setting or "", o.rule.id),
+            key=lambda o: (severity_rank(o.rule.severity), o.subject.layer or "", o.subject.setting or "", o.rule.id),
         )
 
     def to_dict(self) -> dict:

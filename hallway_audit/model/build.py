@@ -17,7 +17,7 @@ def build_model(
     model_spec: str | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedModel | None:
-    """A runnable float32 eval() model for `checkpoint`, or None when there is no architecture.
+    """A runnable float32 model in evaluation mode for `checkpoint`, or None when there is no architecture.
 
     * `model_spec` ("pkg.mod:factory" or "file.py:factory"): the factory's module,
       the checkpoint loaded into it strictly (any format the reader opens); a

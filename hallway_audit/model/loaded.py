@@ -74,7 +74,7 @@ def finish(
     device: str | torch.device,
     tokenizer: object | None = None,
 ) -> LoadedModel:
-    """float32 + device + eval(): the state every consumer of a LoadedModel relies on."""
+    """float32 + device + evaluation mode: the state every consumer of a LoadedModel relies on."""
     dev = parse_device(device)
     try:
         module = module.float().to(dev)

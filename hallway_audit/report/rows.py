@@ -6,11 +6,20 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..rules import SEVERITIES, severity_rank
+
 if TYPE_CHECKING:
     from ..audit import AuditResult
 
-SEVERITY_ORDER = ("error", "warning", "info")
+SEVERITY_ORDER = SEVERITIES  # most severe first
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}
+
+
+def worse(current: str, severity: str) -> str:
+    """The more severe of a running verdict ('ok' or a severity) and a finding's severity."""
+    if current == "ok" or severity_rank(severity) < severity_rank(current):
+        return severity
+    return current
 
 
 @dataclass
@@ -27,8 +36,7 @@ def ranked_layers(result: AuditResult) -> list[LayerRow]:
         row = rows.get(o.subject.layer or "")
         if row is None or o.rule.phase != "static":
             continue
-        if row.worst == "ok" or SEVERITY_ORDER.index(o.rule.severity) < SEVERITY_ORDER.index(row.worst):
-            row.worst = o.rule.severity
+        row.worst = worse(row.worst, o.rule.severity)
         if o.rule.verdict not in row.verdicts:
             row.verdicts.append(o.rule.verdict)
     rank = {s: i for i, s in enumerate((*SEVERITY_ORDER, "ok"))}
@@ -149,8 +157,8 @@ def setting_severity(result: AuditResult) -> dict[str, str]:
         worst[r.id] = "ok"
     for o in result.findings:
         sid = o.subject.setting
-        if sid in worst and (worst[sid] == "ok" or SEVERITY_ORDER.index(o.rule.severity) < SEVERITY_ORDER.index(worst[sid])):
-            worst[sid] = o.rule.severity
+        if sid in worst:
+            worst[sid] = worse(worst[sid], o.rule.severity)
     return worst
 
 
@@ -161,8 +169,7 @@ def layer_verdicts(result: AuditResult, setting: str) -> dict[str, tuple[str, li
         if o.subject.setting != setting or o.subject.layer is None:
             continue
         sev, verdicts = out.get(o.subject.layer, ("ok", []))
-        if sev == "ok" or SEVERITY_ORDER.index(o.rule.severity) < SEVERITY_ORDER.index(sev):
-            sev = o.rule.severity
+        sev = worse(sev, o.rule.severity)
         if o.rule.verdict not in verdicts:
             verdicts = [*verdicts, o.rule.verdict]
         out[o.subject.layer] = (sev, verdicts)
