@@ -136,3 +136,76 @@ def test_movable_threshold_equals_the_per_weight_ulp_test(name):
     for lr in (1e-30, 1e-8, 1e-5, 1e-4, 2.0**-8, 2.0**-9, 1e-2, 0.5, 10.0, 1e6, 1e30):
         fast = x.abs() < movable_below(fmt, lr)
         assert torch.equal(fast, fmt.ulp(x) < 2 * lr), lr
+
+
+PLAIN = ["fp32", "bf16", "fp16", "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp6_e2m3", "fp4_e2m1"]
+
+
+def _edge_tensor(dtype: torch.dtype, n: int = 70_000) -> torch.Tensor:
+    """Random weights across many binades plus every named edge case of `dtype`."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, 12, (n,), generator=g).float())
+    fi = torch.finfo(dtype)
+    edges = [0.0, -0.0, fi.tiny, fi.smallest_normal / 4, -fi.tiny, fi.max, -fi.max, 448.0, 449.0, 464.0,
+             2.0**-10, 2.0**-9, 3 * 2.0**-11, 1.0 + 2.0**-4, 1.0 + 3 * 2.0**-4, float("nan"), float("inf"), float("-inf")]
+    return torch.cat([x, torch.tensor(edges)]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lr", [1e-5, 2.0**-8, 1.0])
+def test_bit_pattern_path_equals_element_by_element(dtype, lr):
+    """The 16-bit fast path (count each bit pattern once, quantize 65536 values) gives
+    the same counts and the same histogram as quantizing every element, for zero,
+    -0, subnormals, max finite, beyond fp8's range, ties, NaN and +-inf."""
+    import hallway_audit.static.measure as measure
+
+    w = _edge_tensor(dtype)
+    fmts = {n: get_format(n) for n in PLAIN}
+    old = measure.HIST_SAMPLE
+    measure.HIST_SAMPLE = w.numel()  # the element path histograms every weight too
+    try:
+        fast = measure_tensor(w, fmts, lr, by_pattern=True)
+        slow = measure_tensor(w, fmts, lr, by_pattern=False)
+    finally:
+        measure.HIST_SAMPLE = old
+    assert (fast.params, fast.nonfinite, fast.zeros) == (slow.params, slow.nonfinite, slow.zeros)
+    assert fast.nonfinite == 3 and fast.zeros >= 2
+    for name in PLAIN:
+        a, b = fast.formats[name], slow.formats[name]
+        assert (a.n, a.nonzero, a.saturated, a.flushed, a.movable) == (b.n, b.nonzero, b.saturated, b.flushed, b.movable), name
+        assert a.signal_sq == pytest.approx(b.signal_sq, rel=1e-5)
+        assert a.error_sq == pytest.approx(b.error_sq, rel=1e-5, abs=1e-30), name
+        assert torch.equal(a.ulp_rel_hist, b.ulp_rel_hist), name
+
+
+def test_bit_pattern_path_is_taken_for_large_16_bit_tensors_and_scaled_formats_still_measured():
+    import hallway_audit.static.measure as measure
+
+    w = _edge_tensor(torch.bfloat16)
+    assert w.numel() >= measure.PATTERN_MIN
+    fmts = {"fp8_e4m3": get_format("fp8_e4m3"), "int8": get_format("int8")}
+    auto = measure_tensor(w, fmts, 1e-4)
+    forced = measure_tensor(w, fmts, 1e-4, by_pattern=True)
+    assert auto.formats["fp8_e4m3"].error_sq == forced.formats["fp8_e4m3"].error_sq
+    assert auto.formats["int8"].n == w.numel() - 3 and auto.formats["int8"].error_sq > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "holds"),
+    [("fp32", torch.float32, True), ("bf16", torch.float32, False), ("bf16", torch.bfloat16, True),
+     ("fp32", torch.bfloat16, True), ("fp16", torch.bfloat16, False), ("bf16", torch.float16, False),
+     ("fp16", torch.float16, True), ("fp8_e4m3", torch.float8_e4m3fn, True), ("bf16", torch.float8_e5m2, True),
+     ("fp8_e4m3", torch.float8_e5m2, False), ("int8", torch.bfloat16, False)],
+)
+def test_holds_every_value_by_enumeration(name, dtype, holds):
+    from hallway_audit.static.measure import holds_every_value
+
+    assert holds_every_value(get_format(name), dtype) is holds
+
+
+def test_a_format_that_holds_the_stored_dtype_reports_no_loss():
+    w = _edge_tensor(torch.bfloat16)
+    t = measure_tensor(w, {"bf16": get_format("bf16"), "fp32": get_format("fp32")}, 1e-4, by_pattern=False)
+    for name in ("bf16", "fp32"):
+        f = t.formats[name]
+        assert f.error_sq == 0.0 and f.flushed == 0 and f.saturated == 0

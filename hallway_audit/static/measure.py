@@ -1,16 +1,28 @@
 """Per-tensor measurement: one quantize and one ulp per planned format.
 
-Written for throughput and bounded memory on large checkpoints:
+Written for throughput and bounded memory on large checkpoints (bench/static_throughput.py):
 
 * plain float formats (fp32 ... fp4) are elementwise, so the tensor is measured in
-  chunks of CHUNK elements: every temporary stays cache-sized and peak memory is
+  chunks of CHUNK elements: every temporary stays cache-sized (a fresh tensor-sized
+  temporary costs more in page faults than the arithmetic on it) and peak memory is
   the tensor as read plus a few chunks. Scaled formats (int8/int4/nf4/mx/nvfp4)
   derive scales from whole channels, blocks or the tensor, so they are measured on
   the whole tensor at once;
+* figures every format shares (zeros, non-finite count, sum of squares, the largest
+  magnitude) are taken once per chunk, and whole passes are skipped when the answer
+  is known exactly: a format that holds every value of the stored dtype (bf16 weights
+  in bf16) has no error, flush or saturation; nothing saturates below max finite;
+  every weight moves when the largest is below the movable threshold;
 * reductions use count_nonzero and float32 vector norms (bool .sum() and float64
   casts are several times slower on CPU);
-* the ULP/|w| histogram reads a fixed-stride sample of at most HIST_SAMPLE weights
-  per tensor (every weight for tensors up to that size).
+* 16-bit tensors (bf16, fp16: most checkpoints) are not quantized element by element
+  at all: one pass counts how often each of the 65536 bit patterns occurs, and every
+  plain format's figures follow exactly from the 65536 values weighted by their
+  counts, whatever the number of formats (the ULP histogram then covers every
+  weight, not a sample);
+* otherwise the ULP/|w| histogram reads a fixed-stride sample of at most
+  HIST_SAMPLE weights per tensor (every weight for tensors up to that size): its
+  median has a resolution of 1/32 octave, far coarser than the sample's error.
 """
 
 from __future__ import annotations
@@ -23,8 +35,10 @@ import torch
 from ..lattice import Format
 from .tally import FormatTally, Tally, log2_histogram
 
-HIST_SAMPLE = 1 << 20
+HIST_SAMPLE = 1 << 16
 CHUNK = 1 << 18
+PATTERN_MIN = 1 << 16  # 16-bit tensors from this size are tallied by bit pattern
+_PATTERN_CHUNK = 1 << 22  # bincount has a high fixed cost per call
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -34,7 +48,11 @@ def _count(mask: torch.Tensor) -> int:
 def _sq_norm(x: torch.Tensor) -> float:
     # float32 accumulation (pairwise in torch): ~1e-6 relative, which a relative
     # error or an SQNR in dB never shows; float64 would triple the audit's time.
-    return float(torch.linalg.vector_norm(x)) ** 2
+    # Weights near float32's max overflow a float32 norm: then float64 it is.
+    norm = float(torch.linalg.vector_norm(x))
+    if math.isinf(norm):
+        norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+    return norm**2
 
 
 _BINADES = torch.tensor([2.0**e for e in range(-149, 128)], dtype=torch.float32)
@@ -59,60 +77,168 @@ def movable_below(fmt: Format, lr: float) -> float:
     return 0.0 if first == 0 else float(_BINADES[first])
 
 
+def _every_value(dtype: torch.dtype) -> torch.Tensor | None:
+    """Every finite value of a float dtype of at most 16 bits, as float32 (else None)."""
+    bits = torch.finfo(dtype).bits
+    if bits > 16:
+        return None
+    ints = {8: torch.uint8, 16: torch.int16}[bits]
+    patterns = torch.arange(2**bits, dtype=torch.int32)
+    if bits == 16:
+        patterns = torch.where(patterns >= 2**15, patterns - 2**16, patterns)
+    values = patterns.to(ints).view(dtype).to(torch.float32)
+    return values[torch.isfinite(values)]
+
+
+@functools.lru_cache(maxsize=64)
+def holds_every_value(fmt: Format, dtype: torch.dtype) -> bool:
+    """True when a plain format represents every finite value of `dtype` exactly.
+
+    Then Q(w) = w for every stored weight: no error, no flush, no saturation, and the
+    quantize pass can be skipped. Decided by enumeration for dtypes up to 16 bits;
+    float32 (and float64, which the audit reads as float32) only fits a format
+    with float32's own lattice.
+    """
+    if fmt.scaled:
+        return False
+    values = _every_value(dtype) if dtype not in (torch.float32, torch.float64) else None
+    if values is None:
+        probe = torch.tensor([2.0**-149, 2.0**-126 * (1 + 2.0**-23), 1 + 2.0**-23, torch.finfo(torch.float32).max])
+        return bool(torch.equal(fmt.at(probe).quantize(probe), probe))
+    return bool(torch.equal(fmt.at(values).quantize(values), values))
+
+
 class _Part:
-    """One slice of a tensor as float32, non-finite entries zeroed, with its basics."""
+    """One slice of a tensor as float32, non-finite entries zeroed, with the figures
+    every format shares."""
 
     def __init__(self, w: torch.Tensor, stride: int) -> None:
         x = w.to(torch.float32)
+        self.dtype = w.dtype
         self.finite: torch.Tensor | None = None
         self.nonfinite = 0
-        if not torch.isfinite(x.sum()):  # one cheap reduction decides the common case
-            self.finite = torch.isfinite(x)
-            self.nonfinite = x.numel() - _count(self.finite)
-            x = torch.where(self.finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        if x.numel():
+            lo, hi = (float(v) for v in torch.aminmax(x))  # one pass: finiteness and range
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                self.finite = torch.isfinite(x)
+                self.nonfinite = x.numel() - _count(self.finite)
+                x = torch.where(self.finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+                lo, hi = (float(v) for v in torch.aminmax(x))
+            self.amax = max(-lo, hi)
+        else:
+            self.amax = 0.0
         self.x = x
-        self.absx = x.abs()
+        self._absx: torch.Tensor | None = None
         self.zeros = x.numel() - _count(x)  # counts the zeroed non-finite entries too
+        self.signal_sq = _sq_norm(x)
         self.stride = stride
-        self.sample = self.absx.reshape(-1)[::stride]
+        self.sample = x.reshape(-1)[::stride].abs()
         self.sample_nz = self.sample != 0
 
+    @property
+    def absx(self) -> torch.Tensor:
+        if self._absx is None:
+            self._absx = self.x.abs()
+        return self._absx
+
+    def _movable(self, fmt: Format, lr: float) -> int:
+        """Finite weights with lr > ulp/2 (plain formats: |w| below one threshold)."""
+        below = movable_below(fmt, lr)
+        if below == 0.0:
+            return 0
+        n = self.x.numel() - self.nonfinite
+        if self.amax < below:
+            return n
+        return _count(self.absx < below) - self.nonfinite  # zeroed non-finite entries are below
+
     def tally(self, fmt: Format, lr: float) -> FormatTally:
+        numel = self.x.numel()
+        ft = FormatTally(n=numel - self.nonfinite, nonzero=numel - self.zeros, signal_sq=self.signal_sq)
         lattice = fmt.at(self.x)
-        q = lattice.quantize(self.x)
         if fmt.scaled:  # per-element scales: ulp and range vary with the block
+            q = lattice.quantize(self.x)
             ulp = lattice.ulp(self.x)
             saturated = self.absx > lattice.max_abs(self.x)
             movable = ulp < 2.0 * lr  # lr > ulp/2
+            if self.finite is not None:
+                movable &= self.finite
+                saturated &= self.finite
+            ft.error_sq = _sq_norm(q - self.x)
+            ft.saturated = _count(saturated)
+            ft.flushed = (numel - _count(q)) - self.zeros  # Q(0) = 0, so these were nonzero
+            ft.movable = _count(movable)
             ulp_sample = ulp.reshape(-1)[:: self.stride]
         else:  # one lattice for every element: thresholds instead of per-weight ulps
-            saturated = self.absx > fmt.max_finite
-            movable = self.absx < movable_below(fmt, lr)
-            ulp_sample = lattice.ulp(self.x.reshape(-1)[:: self.stride])
-        if self.finite is not None:
-            movable &= self.finite
-            saturated &= self.finite
-        n = self.x.numel() - self.nonfinite
-        ft = FormatTally(
-            n=n,
-            nonzero=self.x.numel() - self.zeros,
-            signal_sq=_sq_norm(self.x),
-            error_sq=_sq_norm(q - self.x),
-            saturated=_count(saturated),
-            flushed=(q.numel() - _count(q)) - self.zeros,  # Q(0) = 0, so these were nonzero
-            movable=_count(movable),
-        )
+            if not holds_every_value(fmt, self.dtype):
+                q = lattice.quantize(self.x)
+                ft.error_sq = _sq_norm(q - self.x)
+                ft.flushed = (numel - _count(q)) - self.zeros
+                if self.amax > fmt.max_finite:  # zeroed non-finite entries never count
+                    ft.saturated = _count(self.absx > fmt.max_finite)
+            ft.movable = self._movable(fmt, lr)
+            ulp_sample = lattice.ulp(self.sample)
         if ft.nonzero:
             ft.ulp_rel_hist = log2_histogram((ulp_sample / self.sample)[self.sample_nz])
         return ft
 
 
+@functools.lru_cache(maxsize=4)
+def _pattern_values(dtype: torch.dtype) -> torch.Tensor:
+    """float32 value of every 16-bit pattern of `dtype`, indexed by the pattern as unsigned."""
+    patterns = torch.arange(2**16, dtype=torch.int32)
+    signed = torch.where(patterns >= 2**15, patterns - 2**16, patterns).to(torch.int16)
+    return signed.view(dtype).to(torch.float32)
+
+
+def pattern_counts(flat: torch.Tensor) -> torch.Tensor:
+    """How often each bit pattern occurs in a flat 16-bit tensor (int64[65536])."""
+    counts = torch.zeros(2**16, dtype=torch.int64, device=flat.device)
+    for chunk in flat.split(_PATTERN_CHUNK):
+        counts += torch.bincount(chunk.view(torch.int16).to(torch.int32) & 0xFFFF, minlength=2**16)
+    return counts
+
+
+def _pattern_tally(counts: torch.Tensor, dtype: torch.dtype, formats: dict[str, Format], lr: float, tally: Tally) -> None:
+    """Every figure of the plain `formats` from a tensor's bit-pattern counts: each
+    distinct value is quantized once and weighted by how often it occurs."""
+    seen = torch.nonzero(counts).flatten()
+    count = counts[seen]
+    value = _pattern_values(dtype).to(counts.device)[seen]
+    finite = torch.isfinite(value)
+    tally.nonfinite += int(count[~finite].sum())
+    count, value = count[finite], value[finite]
+    n = int(count.sum())
+    zeros = int(count[value == 0].sum())
+    tally.zeros += zeros
+    weight, exact = count.double(), value.double()
+    signal_sq = float((weight * exact.square()).sum())
+    nonzero = value != 0
+    magnitude = value.abs()
+    for name, fmt in formats.items():
+        q = fmt.at(value).quantize(value)
+        ft = FormatTally(
+            n=n,
+            nonzero=n - zeros,
+            signal_sq=signal_sq,
+            error_sq=float((weight * (q.double() - exact).square()).sum()),
+            saturated=int(count[magnitude > fmt.max_finite].sum()),
+            flushed=int(count[(q == 0) & nonzero].sum()),
+            movable=int(count[magnitude < movable_below(fmt, lr)].sum()),
+        )
+        if ft.nonzero:
+            ratio = fmt.ulp(value[nonzero]) / magnitude[nonzero]
+            ft.ulp_rel_hist = log2_histogram(ratio, weights=count[nonzero])
+        tally.formats[name] += ft
+
+
 @torch.no_grad()
-def measure_tensor(w: torch.Tensor, formats: dict[str, Format], lr: float) -> Tally:
+def measure_tensor(w: torch.Tensor, formats: dict[str, Format], lr: float, *, by_pattern: bool | None = None) -> Tally:
     """Tally one tensor against every planned format.
 
     Non-finite weights are counted and then left out of the format figures (they are
     a finding of their own, and one NaN would otherwise poison every ratio).
+    `by_pattern` forces (True) or forbids (False) the bit-pattern path for 16-bit
+    tensors; by default it is taken from PATTERN_MIN elements on.
     """
     w = w.detach()
     stride = max(1, w.numel() // HIST_SAMPLE)
@@ -122,6 +248,17 @@ def measure_tensor(w: torch.Tensor, formats: dict[str, Format], lr: float) -> Ta
     for name in formats:
         tally.formats[name] = FormatTally()
     flat = w.reshape(-1)
+    if by_pattern is None:
+        by_pattern = w.numel() >= PATTERN_MIN
+    if by_pattern and w.dtype in (torch.bfloat16, torch.float16) and plain:
+        _pattern_tally(pattern_counts(flat), w.dtype, plain, lr, tally)
+        plain = {}
+        if not scaled:
+            return tally
+        whole = _Part(w, stride)
+        for name, fmt in scaled.items():
+            tally.formats[name] += whole.tally(fmt, lr)
+        return tally
     # Chunks start at multiples of the stride, so the sample is the same as unchunked.
     chunk = max(CHUNK // stride, 1) * stride
     for start in range(0, max(flat.numel(), 1), chunk):

@@ -19,11 +19,16 @@ HIST_LO, HIST_HI, HIST_PER_OCTAVE = -40, 24, 32
 HIST_BINS = (HIST_HI - HIST_LO) * HIST_PER_OCTAVE
 
 
-def log2_histogram(ratio: torch.Tensor) -> torch.Tensor:
-    """Counts of log2(ratio) in HIST_BINS bins (int64, on CPU); ratio must be > 0."""
+def log2_histogram(ratio: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Counts of log2(ratio) in HIST_BINS bins (int64, on CPU); ratio must be > 0.
+    `weights` (integer counts) say how many weights each ratio stands for."""
     idx = ((torch.log2(ratio) - HIST_LO) * HIST_PER_OCTAVE).floor_()
     idx = idx.clamp_(0, HIST_BINS - 1).to(torch.int64)
-    return torch.bincount(idx.flatten(), minlength=HIST_BINS).cpu()
+    if weights is None:
+        return torch.bincount(idx.flatten(), minlength=HIST_BINS).cpu()
+    # float64 sums of integer counts are exact below 2^53
+    summed = torch.bincount(idx.flatten(), weights=weights.flatten().double(), minlength=HIST_BINS)
+    return summed.round().to(torch.int64).cpu()
 
 
 def histogram_median(counts: torch.Tensor) -> float | None:
