@@ -262,14 +262,18 @@ class MicroBatches:
         self._order = torch.randperm(self.n, generator=self._generator)
         self._pos = 0
 
-    def next(self) -> Batch:
+    def next_index(self) -> torch.Tensor:
+        """Positions in the batch of the next micro-batch's examples."""
         if self._pos + self.size > self.n:
             self._order = torch.randperm(self.n, generator=self._generator)
             self._pos = 0
             self.epoch += 1
         index = self._order[self._pos : self._pos + self.size]
         self._pos += self.size
-        return take(self.batch, index)
+        return index
+
+    def next(self) -> Batch:
+        return take(self.batch, self.next_index())
 
     def full(self) -> Batch:
         return self.batch

@@ -28,7 +28,7 @@ from ..model.data import MicroBatches, batch_size, take
 from .crossing import ActivationCells, activation_changes, cell_changes, crossing_counts
 from .engine import Batch, LossEvaluator, LossFn
 from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_values
-from .pt import Direction, measure_pt
+from .pt import Direction, StateGradients, measure_pt, split_gradient
 from .realize import Realization
 from .result import LayerDynamics, SettingResult, StepRecord
 from .settings import Setting
@@ -246,13 +246,17 @@ def run_burst(
 
         # psi_star / r_star from the gradient of the whole training split: a
         # micro-batch gradient has rank <= its token count and would flatter low ranks.
-        _, g_full = evaluator.loss_and_grad(now, train, "at the start")
+        g_full, shares = split_gradient(0, real, evaluator, module, train, now, micro.n)
         psi_rank = _rank_capture(params, g_full, real, layers, options.psi_target)
         if progress:
             progress(setting.id, "burst", 1, total_work)
 
         p_states = sorted({0, options.steps} | (set(range(0, options.steps, options.p_every)) if options.p_every else set()))
         snapshots: dict[int, dict[str, Tensor]] = {0: real.snapshot()} if 0 in p_states else {}
+        # p_t at the first state reuses its losses and split gradient (the surrogate
+        # only reads the trainable parameters' part of it)
+        first = StateGradients(initial_loss, initial_val, {k: g_full[k] for k in real.trainable}, shares) if 0 in p_states else None
+        del g_full, shares
         steps: list[StepRecord] = []
         layer_norms: dict[str, list[float]] = {layer: [] for layer in layers}
         for t in range(options.steps):
@@ -323,7 +327,7 @@ def run_burst(
                     train=train,
                     evaluation=eval_batch,
                     val=eval_val,
-                    micro=micro.next,
+                    micro=micro,
                     precondition=precondition,
                     radius=radius,
                     samples=options.samples,
@@ -332,8 +336,11 @@ def run_burst(
                     layer_of=layer_of,
                     early_stop=options.early_stop,
                     per_layer_radius=layer_radius if options.per_layer_p else None,
+                    module=module,
+                    known=first if t == 0 else None,
                 )
             )
+            first = None
             if progress:
                 progress(setting.id, "p_t", i + 1, len(snapshots))
         real.restore(final)

@@ -16,6 +16,11 @@ not the surrogate gradient. Proposals (SPEC §4):
 A move that quantizes to exactly zero is blocked: no descent, counted separately,
 and needs no forward. Every rate carries a 95% Wilson interval; sampling stops
 early once the interval excludes 1/2 (checked every 8 samples from 16 on).
+
+For LoRA settings g_b comes from each example's share of the training split's
+gradient (shares.py), recorded during the backward the surrogate needs anyway, so a
+sample costs its moves' forwards only; the first micro-batch at each state is also
+computed directly and the shares are used only if they agree with it.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..model.data import MicroBatches, take
 from .engine import Batch, LossEvaluator
 from .realize import Realization
+from .shares import ExampleShares
 from .stats import excludes_half, wilson_interval
 
 Direction = dict[str, Tensor]
@@ -68,6 +75,33 @@ class PtAtState:
     surrogate: dict[str, Rate] = field(default_factory=dict)  # per layer: g^T u < 0
     realized_layer: dict[str, Rate] = field(default_factory=dict)  # per layer, with --per-layer-p
     psi_val: float | None = None
+    g_b: str = "direct"  # "example shares" when g_b came from per-example shares
+
+
+@dataclass
+class StateGradients:
+    """What p_t needs at a state before any move: the realized losses the moves are
+    compared with, the training split's gradient (the surrogate) and, for LoRA, its
+    per-example shares. The burst computes these at its first state anyway."""
+
+    base: float
+    base_val: float | None
+    g_full: dict[str, Tensor]
+    shares: ExampleShares | None
+
+
+def split_gradient(
+    step: int, real: Realization, evaluator: LossEvaluator, module: nn.Module | None, train: Batch,
+    now: dict[str, Tensor], examples: int,
+) -> tuple[dict[str, Tensor], ExampleShares | None]:
+    """The gradient of the whole training split and, where supported, its per-example shares."""
+    what = f"at step {step}"
+    if module is None or not ExampleShares.supported(module, real):
+        return evaluator.loss_and_grad(now, train, what)[1], None
+    shares = ExampleShares(module, real, examples)
+    with shares.recording():
+        _, g_full = evaluator.loss_and_grad(now, train, what)
+    return g_full, shares if shares.usable else None
 
 
 def dict_norm(d: Direction) -> float:
@@ -104,7 +138,7 @@ def measure_pt(
     train: Batch,
     evaluation: Batch,
     val: Batch | None,
-    micro: Callable[[], Batch],
+    micro: MicroBatches,
     precondition: Callable[[Direction], Direction],
     radius: float,
     samples: int,
@@ -113,28 +147,49 @@ def measure_pt(
     layer_of: dict[str, str],
     early_stop: bool = True,
     per_layer_radius: dict[str, float] | None = None,
+    module: nn.Module | None = None,
+    known: StateGradients | None = None,
 ) -> PtAtState:
     """All p_t figures at the current state of `real` (its phi is left unchanged).
 
     Moves are judged on the fixed `evaluation` batch (and `val`); the surrogate uses
-    the gradient of the whole training split `train`.
+    the gradient of the whole training split `train` (micro-batches are drawn from
+    it). `known` passes what the caller already computed at this state; `module`
+    (the model evaluator runs) enables per-example shares for LoRA.
     """
     out = PtAtState(step=step, radius=radius, val=Rate() if val is not None else None)
     stored = real.stored()
     now = real.realized(stored)
-    base = evaluator.loss(now, evaluation, f"at step {step}")
-    base_val = evaluator.loss(now, val, f"on the held-out batch at step {step}") if val is not None else None
-    _, g_full = evaluator.loss_and_grad(now, train, f"at step {step}")
+    if known is None:
+        base = evaluator.loss(now, evaluation, f"at step {step}")
+        base_val = evaluator.loss(now, val, f"on the held-out batch at step {step}") if val is not None else None
+        g_full, shares = split_gradient(step, real, evaluator, module, train, now, micro.n)
+    else:
+        base, base_val, g_full, shares = known.base, known.base_val, known.g_full, known.shares
     if val is not None:
         _, g_val = evaluator.loss_and_grad(now, val, f"on the held-out batch at step {step}")
         captured = sum(float(v.double().square().sum()) for v in real.project(g_val).values())
         total = sum(float(v.double().square().sum()) for v in g_val.values())
         out.psi_val = (captured / total) ** 0.5 if total > 0 else None
 
+    checked = False
+
     def proposal_signal() -> Direction:
         """D g_b for a fresh micro-batch, as a W-space direction (it lies in S)."""
-        _, g_b = evaluator.loss_and_grad(now, micro(), f"at step {step}")
-        return real.to_weight_space(precondition(real.phi_grad(g_b)))
+        nonlocal shares, checked
+        index = micro.next_index()
+        if shares is not None and checked:
+            g_phi = shares.micro_batch(index)
+        else:
+            _, g_b = evaluator.loss_and_grad(now, take(train, index), f"at step {step}")
+            g_phi = real.phi_grad(g_b)
+            if shares is not None:  # first sample: the shares must agree with it
+                checked = True
+                if shares.agrees_with(index, g_phi):
+                    out.g_b = "example shares"
+                else:
+                    shares = None
+        return real.to_weight_space(precondition(g_phi))
 
     layers = sorted({layer_of[k] for k in real.trainable})
     out.surrogate = {layer: Rate() for layer in layers}

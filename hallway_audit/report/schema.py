@@ -15,7 +15,7 @@ from .. import __version__
 if TYPE_CHECKING:
     from ..audit import AuditResult
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 
 def clean(value: Any) -> Any:
@@ -120,6 +120,7 @@ def _pt_state(state) -> dict[str, Any]:
         "blocked_uniform": state.blocked_uniform / state.uniform.n if state.uniform.n else None,
         **_rate("p_t_val", state.val),
         "psi_val": state.psi_val,
+        "g_b": state.g_b,
     }
 
 

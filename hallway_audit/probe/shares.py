@@ -1,0 +1,117 @@
+"""Each example's share of the LoRA adapter gradient, from one backward over the split.
+
+The optimizer proposal of p_t draws a fresh micro-batch gradient g_b for every
+sample; computed directly, that is one forward and backward per sample, the largest
+cost of p_t after the moves themselves. For a linear layer y = x W^T the weight
+gradient is G = sum over tokens of delta x^T (delta = dL/dy), and an example's part
+of it involves only its own tokens; LoRA's adapter gradients are s B^T G and
+s G A^T, so an example's share is r x in + out x r numbers, computed from x and delta
+while the backward of the whole training split (which p_t runs anyway, for the
+surrogate) passes through the layer.
+
+g_b is then a positive multiple of the sum of its examples' shares for any loss that
+is a weighted mean of per-example terms (token mean, example mean), and the proposal
+normalizes g_b, so the multiple cancels. Whether a loss is of that form is checked,
+not assumed: the caller compares the first micro-batch at each state against a
+direct gradient (`agrees_with`) and falls back to direct gradients when it differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .realize import Realization
+
+_SEP = "::"
+# ||shares - direct|| / ||direct|| above this means the loss does not split by example
+# (float32 sums in another order differ by ~1e-6).
+AGREEMENT = 1e-3
+
+
+class ExampleShares:
+    """Per-example phi gradients of a LoRA setting's adapters, recorded by hooks."""
+
+    def __init__(self, module: nn.Module, real: Realization, examples: int) -> None:
+        self.real = real
+        self.examples = examples
+        self.modules = {name: module.get_submodule(real.info[name].layer) for name in real.lora}
+        self.shares: dict[str, Tensor] = {}  # phi key -> [examples, *phi shape]
+        self.usable = True
+
+    @staticmethod
+    def supported(module: nn.Module, real: Realization) -> bool:
+        """LoRA on nn.Linear weights only: full and sparse settings train parameters whose
+        per-example gradients would cost examples x their size."""
+        if real.kind != "lora" or not real.lora:
+            return False
+        for name in real.lora:
+            info = real.info[name]
+            if name != (f"{info.layer}.weight" if info.layer else "weight"):
+                return False
+            if not isinstance(module.get_submodule(info.layer), nn.Linear):
+                return False
+        return True
+
+    def _accumulate(self, name: str, x: Tensor, delta: Tensor) -> None:
+        if x.shape[0] != self.examples or delta.shape[0] != self.examples:
+            self.usable = False  # the layer does not see the batch dimension first
+            return
+        s, _ = self.real.lora[name]
+        a = self.real.phi[name + _SEP + "A"].detach()
+        b = self.real.phi[name + _SEP + "B"].detach()
+        x = x.reshape(self.examples, -1, x.shape[-1]).to(a.dtype)
+        delta = delta.reshape(self.examples, -1, delta.shape[-1]).to(a.dtype)
+        share_b = s * torch.einsum("nto,ntr->nor", delta, x @ a.T)  # s G_i A^T
+        share_a = s * torch.einsum("ntr,nti->nri", delta @ b, x)  # s B^T G_i
+        for key, share in ((name + _SEP + "A", share_a), (name + _SEP + "B", share_b)):
+            self.shares[key] = self.shares[key] + share if key in self.shares else share
+
+    @contextmanager
+    def recording(self) -> Iterator[ExampleShares]:
+        """Hooks on the target layers for one forward and backward of all examples
+        (a layer called several times adds up its calls, as autograd does)."""
+
+        def hook_for(name: str):
+            def forward_hook(_module: nn.Module, inputs: tuple, output: Tensor) -> None:
+                if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+                    return
+                x = inputs[0].detach()
+                output.register_hook(lambda delta: self._accumulate(name, x, delta.detach()))
+
+            return forward_hook
+
+        self.shares.clear()
+        self.usable = True
+        handles = [m.register_forward_hook(hook_for(name)) for name, m in self.modules.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+        if self.shares:
+            for key in self.real.phi:  # a target whose output never reached the loss
+                self.shares.setdefault(key, torch.zeros(self.examples, *self.real.phi[key].shape,
+                                                        device=self.real.phi[key].device))
+        else:
+            self.usable = False
+
+    def micro_batch(self, index: Tensor) -> dict[str, Tensor]:
+        """phi gradient of the examples at `index`, up to a positive factor."""
+        return {k: v[index.to(v.device)].sum(0) for k, v in self.shares.items()}
+
+    def agrees_with(self, index: Tensor, direct: dict[str, Tensor]) -> bool:
+        """Do the shares of these examples point where the direct gradient does?"""
+        mine = self.micro_batch(index)
+        dot = sum(float((mine[k].double() * direct[k].double()).sum()) for k in direct)
+        n_mine = sum(float(mine[k].double().square().sum()) for k in direct) ** 0.5
+        n_direct = sum(float(direct[k].double().square().sum()) for k in direct) ** 0.5
+        if n_direct == 0.0 or n_mine == 0.0:
+            return n_direct == n_mine
+        # the factor between them is free (loss normalization): compare directions
+        scale = dot / n_mine**2
+        err = sum(float((scale * mine[k].double() - direct[k].double()).square().sum()) for k in direct) ** 0.5
+        return dot > 0 and err <= AGREEMENT * n_direct
