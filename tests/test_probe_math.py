@@ -423,7 +423,7 @@ def test_uniform_proposal_noise_lies_in_the_subspace():
     module = nn.Sequential(nn.Linear(8, 12), nn.Linear(12, 8))
     sparse = Realization(Setting(PrecisionStack(), Subspace("sparse", sparsity=0.5, mask="2:4"), OptimizerSpec()),
                          parameter_universe(module), param_dict(module), gen())
-    z = gaussian_in_subspace(sparse, sparse.stored(), gen(1))
+    z = gaussian_in_subspace(sparse, gen(1))
     for name, m in sparse.masks.items():
         assert bool((z[name][~m] == 0).all()) and bool((z[name][m] != 0).all())
     lora = lora_realization(module, rank=2)
@@ -431,11 +431,40 @@ def test_uniform_proposal_noise_lies_in_the_subspace():
         for key in lora.adapter_keys():
             if key.endswith("::B"):
                 lora.phi[key].copy_(torch.randn(lora.phi[key].shape, generator=gen(2)))
-    z = gaussian_in_subspace(lora, lora.stored(), gen(3))
+    z = gaussian_in_subspace(lora, gen(3))
     again = lora.project(z)
     for name in lora.trainable:
         assert torch.allclose(again[name], z[name], atol=1e-5)
         assert float(z[name].norm()) > 0
+
+
+@pytest.mark.parametrize("b_is_zero", [True, False])
+def test_lora_gaussian_in_s_has_the_distribution_of_a_projected_gaussian(b_is_zero):
+    """The direct sampler (r x r + r x in + out x r numbers) against its definition,
+    P_S z for z ~ N(0, I) in W space: both have covariance P_S (as a matrix on
+    vec(W)), and E||x||^2 = dim S = r (out + in) - r^2 (r out at B = 0)."""
+    torch.manual_seed(0)
+    module = nn.Linear(5, 6, bias=False)
+    real = lora_realization(module, rank=2)
+    name = real.trainable[0]
+    if not b_is_zero:
+        with torch.no_grad():
+            real.phi[name + "::B"].copy_(torch.randn(6, 2, generator=gen(4)))
+        real._bases.clear()
+    n_w = 30
+    basis = torch.eye(n_w).view(n_w, 6, 5)
+    p_s = torch.stack([real.project({name: e})[name].flatten() for e in basis], 1).double()  # 30 x 30
+    g = gen(7)
+    draws = torch.stack([real.gaussian(g)[name].flatten() for _ in range(20_000)]).double()
+    cov = draws.T @ draws / draws.shape[0]
+    assert float((cov - p_s).abs().max()) < 0.06  # entries have SE ~ 1/sqrt(20000) = 0.007
+    # every draw lies in S exactly (up to float32 rounding)
+    for x in draws[:50]:
+        assert torch.allclose((p_s @ x), x, atol=1e-5)
+    dim_s = 2 * 6 if b_is_zero else 2 * (6 + 5) - 2 * 2
+    assert round(float(torch.trace(p_s))) == dim_s
+    sq = draws.square().sum(1)
+    assert abs(float(sq.mean()) - dim_s) < 4 * float(sq.std()) / draws.shape[0] ** 0.5
 
 
 @pytest.mark.parametrize(("fmt_name", "grow"), [("int8", 1.02), ("int4", 1.02), ("nf4", 1.02), ("nvfp4", 1.5)])

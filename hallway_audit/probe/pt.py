@@ -121,9 +121,9 @@ def combine(a: Direction, b: Direction, weight: float) -> Direction:
     return {k: a[k] + weight * b[k] for k in a}
 
 
-def gaussian_in_subspace(real: Realization, like: dict[str, Tensor], generator: torch.Generator) -> Direction:
-    z = {k: torch.randn(v.shape, generator=generator, device=v.device) for k, v in like.items()}
-    return real.project(z)
+def gaussian_in_subspace(real: Realization, generator: torch.Generator) -> Direction:
+    """z Gaussian in S (isotropic there), drawn in S's own coordinates (Realization.gaussian)."""
+    return real.gaussian(generator)
 
 
 def is_blocked(real: Realization, moved: dict[str, Tensor], now: dict[str, Tensor]) -> bool:
@@ -212,7 +212,7 @@ def measure_pt(
 
     for _ in range(samples):
         signal = normalized(proposal_signal())
-        noise = normalized(gaussian_in_subspace(real, signal, generator)) if sigma > 0 else None
+        noise = normalized(gaussian_in_subspace(real, generator)) if sigma > 0 else None
         direction = normalized(combine(signal, noise, sigma)) if noise is not None else signal
         u = scaled(direction, -radius)
         for layer in layers:
@@ -222,7 +222,7 @@ def measure_pt(
         if done(out.optimizer):
             break
     for _ in range(samples):
-        u = scaled(normalized(gaussian_in_subspace(real, stored, generator)), radius)
+        u = scaled(normalized(gaussian_in_subspace(real, generator)), radius)
         out.blocked_uniform += trial(u, out.uniform, None)
         if done(out.uniform):
             break
@@ -234,7 +234,7 @@ def measure_pt(
             for _ in range(samples):
                 full_signal = proposal_signal()
                 sig = {k: full_signal[k] for k in keys}
-                noise = gaussian_in_subspace(real, stored, generator)
+                noise = gaussian_in_subspace(real, generator)
                 d = normalized(sig)
                 if sigma > 0:
                     d = normalized(combine(d, normalized({k: noise[k] for k in keys}), sigma))

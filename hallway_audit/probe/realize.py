@@ -245,6 +245,34 @@ class Realization:
         return out
 
     @torch.no_grad()
+    def gaussian(self, generator: torch.Generator) -> dict[str, Tensor]:
+        """An isotropic Gaussian in S, in W space: P_S z for z ~ N(0, I) in distribution.
+
+        For LoRA, P_S keeps three of the four blocks of z in the bases
+        [Q_B, Q_B-perp] x [Q_A, Q_A-perp], each with iid N(0, 1) coefficients, so it is
+        drawn from r x r + r x in + out x r numbers instead of out x in, and built
+        with one out x 2r x in product: Q_B C Q_A^T + Q_B W (I - Q_A Q_A^T)
+        + (I - Q_B Q_B^T) Y Q_A^T. Masks keep their entries; dense parameters are z.
+        """
+        out = {}
+        for name in self.trainable:
+            w = self.base[name]
+            device = w.device
+            if name in self.lora:
+                qa, qb = self._lora_bases(name)
+                ra, rb = qa.shape[1], qb.shape[1]
+                c = torch.randn(rb, ra, generator=generator, device=device)
+                wr = torch.randn(rb, w.shape[1], generator=generator, device=device)
+                y = torch.randn(w.shape[0], ra, generator=generator, device=device)
+                wr = wr - (wr @ qa) @ qa.T
+                y = y - qb @ (qb.T @ y)
+                out[name] = torch.cat([qb, y], 1) @ torch.cat([c @ qa.T + wr, qa.T], 0)
+            else:
+                z = torch.randn(w.shape, generator=generator, device=device)
+                out[name] = z * self.masks[name] if name in self.masks else z
+        return out
+
+    @torch.no_grad()
     def write_back(self) -> None:
         """After an optimizer step: masks stay enforced; without master weights, phi
         is rounded back onto the lattice with the setting's rounding mode."""
