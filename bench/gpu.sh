@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 4 as one prepared script, for a machine with a CUDA device:
+#   bash bench/gpu.sh            (from the repository root; installs nothing itself)
+# 1. the tests marked gpu (skipped on CPU-only machines);
+# 2. the dynamic benchmark on a ~1B parameter Llama built from a config: 3 settings,
+#    8 steps, 64 p_t samples, wall time and peak GPU memory against one plain step.
+# Output lands in bench/out/ (and $OUT when set, for the device runner).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/out}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
+python -m pytest -q -p no:cacheprovider -m gpu 2>&1 | tail -20 | tee "$out/gpu_tests.txt"
+python bench/dynamic_cost.py --models 20m,1b --device cuda --settings 3 --steps 8 --samples 64 2>&1 \
+  | grep -v "Loading weights\|Writing model" | tee "$out/gpu_dynamic.txt"
