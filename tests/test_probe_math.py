@@ -51,6 +51,20 @@ def test_rank_one_gradient_is_captured_by_rank_one():
     assert r_star(curve, 0.999999) == 1
 
 
+@pytest.mark.parametrize("shape", [(30, 30), (17, 45), (45, 17), (1, 9), (9, 1)])
+def test_gram_singular_values_match_numpy_svd_energies(shape):
+    """singular_values goes through the smaller Gram matrix: its energies s_i^2 agree
+    with numpy's SVD to ~eps * s_1^2, for square, wide, tall, one-row and rank-deficient
+    matrices."""
+    g = gen(5)
+    for m in (torch.randn(*shape, generator=g), torch.randn(shape[0], 2, generator=g) @ torch.randn(2, shape[1], generator=g)):
+        want = np.linalg.svd(m.double().numpy(), compute_uv=False)
+        got = singular_values(m).numpy()
+        assert got.shape == want.shape
+        assert np.all(np.diff(got) <= 0) and np.all(got >= 0)
+        np.testing.assert_allclose(got**2, want**2, rtol=0, atol=1e-12 * float(want[0] ** 2))
+
+
 def test_full_rank_matrix_needs_every_rank_for_full_capture():
     g = gen(1)
     m = torch.randn(12, 20, generator=g)

@@ -14,8 +14,14 @@ from torch import Tensor
 
 
 def singular_values(g: Tensor) -> Tensor:
-    """Singular values of a gradient matrix, in float64 for stable cumulative sums."""
-    return torch.linalg.svdvals(g.detach().to(torch.float64))
+    """Singular values of a gradient matrix (descending, float64), from the eigenvalues
+    of its smaller Gram matrix: psi_star only needs the energies s_i^2, and eigvalsh of
+    a min(m, n)-square float64 Gram is 1.3-4x faster than svdvals on CPU. Its error is
+    ~eps * s_1^2 per energy, so cumulative energy fractions stay within ~1e-15; the
+    smallest singular values lose relative accuracy, which no figure here reads."""
+    m = g.detach().to(torch.float64)
+    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+    return torch.linalg.eigvalsh(gram).flip(0).clamp(min=0.0).sqrt()
 
 
 def psi_star_curve(s: Tensor) -> Tensor:

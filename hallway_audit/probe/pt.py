@@ -25,6 +25,7 @@ computed directly and the shares are used only if they agree with it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -105,7 +106,15 @@ def split_gradient(
 
 
 def dict_norm(d: Direction) -> float:
-    return float(torch.sqrt(sum((v.double().square().sum() for v in d.values()), torch.zeros((), dtype=torch.float64))))
+    """Euclidean norm over every tensor: float32 per tensor (pairwise, ~1e-7 relative,
+    no float64 copy of a model-sized direction), combined in float64."""
+    if not d:
+        return 0.0
+    per_tensor = torch.stack([torch.linalg.vector_norm(v) for v in d.values()]).double()
+    norm = float(torch.linalg.vector_norm(per_tensor))
+    if math.isinf(norm):  # entries beyond ~1e19 overflow float32 squares
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v, dtype=torch.float64) for v in d.values()])))
+    return norm
 
 
 def scaled(d: Direction, factor: float) -> Direction:
@@ -216,7 +225,7 @@ def measure_pt(
         direction = normalized(combine(signal, noise, sigma)) if noise is not None else signal
         u = scaled(direction, -radius)
         for layer in layers:
-            dot = sum(float((g_full[k] * u[k]).sum()) for k in real.trainable if layer_of[k] == layer)
+            dot = sum(float(torch.dot(g_full[k].reshape(-1), u[k].reshape(-1))) for k in real.trainable if layer_of[k] == layer)
             out.surrogate[layer].add(dot < 0)
         out.blocked += trial(u, out.optimizer, out.val)
         if done(out.optimizer):
