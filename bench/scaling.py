@@ -66,12 +66,12 @@ def main() -> None:
         print(f"{'axis':10}{'value':>8}{'params':>12}{'plain step s':>14}{'audit s':>10}{'in steps':>10}{'peak RSS MB':>13}")
         by_size = []
         for s in sizes:
-            step, params = dynamic_cost.plain_step_seconds(dirs[s], micro_batch=8)
+            step, params, _ = dynamic_cost.plain_step_seconds(dirs[s], 8)
             t = audit_time(dirs[s], 1, 64, args.steps)
             by_size.append((params, t))
             print(f"{'size':10}{s:>8}{params:>12,}{step:>14.4f}{t:>10.1f}{t / step:>10.0f}{rss_mb():>13.0f}")
         small = dirs[sizes[0]]
-        step, params = dynamic_cost.plain_step_seconds(small, micro_batch=8)
+        step, params, _ = dynamic_cost.plain_step_seconds(small, 8)
         by_settings = []
         for n in (int(x) for x in args.settings.split(",")):
             t = audit_time(small, n, 64, args.steps)

@@ -178,6 +178,33 @@ def test_bit_pattern_path_equals_element_by_element(dtype, lr):
         assert torch.equal(a.ulp_rel_hist, b.ulp_rel_hist), name
 
 
+@pytest.mark.parametrize("lr", [1e-5, 1.0])
+def test_float32_holding_bf16_values_is_tallied_by_pattern_with_the_same_figures(lr, monkeypatch):
+    """bf16 weights saved upcast to float32 (low 16 bits zero) take the pattern path;
+    one float32 weight off the bf16 lattice sends the tensor down the element path."""
+    import hallway_audit.static.measure as measure
+
+    w = _edge_tensor(torch.bfloat16).float()
+    fmts = {n: get_format(n) for n in PLAIN}
+    monkeypatch.setattr(measure, "HIST_SAMPLE", w.numel())
+    counted = []
+    real_counts = measure.pattern_counts
+    monkeypatch.setattr(measure, "pattern_counts", lambda flat: counted.append(flat.dtype) or real_counts(flat))
+    fast = measure_tensor(w, fmts, lr, by_pattern=True)
+    slow = measure_tensor(w, fmts, lr, by_pattern=False)
+    assert counted == [torch.float32]
+    assert (fast.nonfinite, fast.zeros) == (slow.nonfinite, slow.zeros)
+    for name in PLAIN:
+        a, b = fast.formats[name], slow.formats[name]
+        assert (a.n, a.saturated, a.flushed, a.movable) == (b.n, b.saturated, b.flushed, b.movable), name
+        assert a.error_sq == pytest.approx(b.error_sq, rel=1e-5, abs=1e-30), name
+        assert torch.equal(a.ulp_rel_hist, b.ulp_rel_hist), name
+    off = w.clone()
+    off[-100] = float(off[-100]) * (1 + 2.0**-20)  # no longer a bf16 value
+    measure_tensor(off, fmts, lr, by_pattern=True)
+    assert counted == [torch.float32]  # not counted by pattern
+
+
 def test_bit_pattern_path_is_taken_for_large_16_bit_tensors_and_scaled_formats_still_measured():
     import hallway_audit.static.measure as measure
 

@@ -191,10 +191,15 @@ def _pattern_values(dtype: torch.dtype) -> torch.Tensor:
 
 
 def pattern_counts(flat: torch.Tensor) -> torch.Tensor:
-    """How often each bit pattern occurs in a flat 16-bit tensor (int64[65536])."""
+    """How often each 16-bit pattern occurs in a flat 16-bit tensor, or in the high
+    halves of a float32 one (int64[65536])."""
     counts = torch.zeros(2**16, dtype=torch.int64, device=flat.device)
     for chunk in flat.split(_PATTERN_CHUNK):
-        counts += torch.bincount(chunk.view(torch.int16).to(torch.int32) & 0xFFFF, minlength=2**16)
+        if chunk.dtype == torch.float32:
+            patterns = (chunk.view(torch.int32) >> 16) & 0xFFFF
+        else:
+            patterns = chunk.view(torch.int16).to(torch.int32) & 0xFFFF
+        counts += torch.bincount(patterns, minlength=2**16)
     return counts
 
 
@@ -231,14 +236,32 @@ def _pattern_tally(counts: torch.Tensor, dtype: torch.dtype, formats: dict[str, 
         tally.formats[name] += ft
 
 
+def _pattern_dtype(flat: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype whose patterns the tensor's values are: its own (bf16, fp16),
+    or bf16 for a float32 tensor whose low 16 bits are all zero (bf16 weights saved
+    upcast: each value is exactly the bf16 pattern of its high half). A probe of the
+    first 4096 weights rules out ordinary float32 tensors at no cost."""
+    if flat.dtype in (torch.bfloat16, torch.float16):
+        return flat.dtype
+    if flat.dtype != torch.float32:
+        return None
+    bits = flat.view(torch.int32)
+    if bool(torch.count_nonzero(bits[:4096] & 0xFFFF)):
+        return None
+    if any(bool(torch.count_nonzero(chunk & 0xFFFF)) for chunk in bits.split(CHUNK)):
+        return None
+    return torch.bfloat16
+
+
 @torch.no_grad()
 def measure_tensor(w: torch.Tensor, formats: dict[str, Format], lr: float, *, by_pattern: bool | None = None) -> Tally:
     """Tally one tensor against every planned format.
 
     Non-finite weights are counted and then left out of the format figures (they are
     a finding of their own, and one NaN would otherwise poison every ratio).
-    `by_pattern` forces (True) or forbids (False) the bit-pattern path for 16-bit
-    tensors; by default it is taken from PATTERN_MIN elements on.
+    `by_pattern` allows (True) or forbids (False) the bit-pattern path for 16-bit
+    tensors and float32 tensors of bf16 values; by default it is taken from
+    PATTERN_MIN elements on.
     """
     w = w.detach()
     stride = max(1, w.numel() // HIST_SAMPLE)
@@ -250,9 +273,9 @@ def measure_tensor(w: torch.Tensor, formats: dict[str, Format], lr: float, *, by
     flat = w.reshape(-1)
     if by_pattern is None:
         by_pattern = w.numel() >= PATTERN_MIN
-    if by_pattern and w.dtype in (torch.bfloat16, torch.float16) and plain:
-        _pattern_tally(pattern_counts(flat), w.dtype, plain, lr, tally)
-        plain = {}
+    pattern_dtype = _pattern_dtype(flat) if by_pattern and plain else None
+    if pattern_dtype is not None:
+        _pattern_tally(pattern_counts(flat), pattern_dtype, plain, lr, tally)
         if not scaled:
             return tally
         whole = _Part(w, stride)
