@@ -5,7 +5,7 @@ the registries (`get_format`, `open_checkpoint`, `load_rules`, `get_formatter`)
 are the extension points.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .audit import AuditResult, CheckpointSummary, DynamicPlan, Gate, audit  # noqa: E402
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint  # noqa: E402
