@@ -119,7 +119,7 @@ class Reference:
         out = {"loss": [], "psi": [], "beta": [], "norms": []}
         out["r_star"] = self.psi_star_all(self.grad(self.quantize_all(real.stored()), self.train))
         snaps = {0: real.snapshot()}
-        for t in range(self.options.steps):
+        for _ in range(self.options.steps):
             stored = real.stored()
             g = self.grad(self.quantize_all(stored), self.micro.next())
             self.psi_star_all(g)  # the sketch's per-step psi_star
@@ -145,7 +145,7 @@ class Reference:
                  + group["eps"] for k in keys}
         gen = torch.Generator(device=next(iter(self.base.values())).device).manual_seed(self.options.seed + 2)
         out["pt"] = []
-        for step, snap in snaps.items():
+        for snap in snaps.values():
             real.restore(snap)
             out["pt"].append(self.pt(radius, denom, gen))
         return out

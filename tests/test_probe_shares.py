@@ -14,7 +14,14 @@ from torch import nn
 
 from hallway_audit.model.data import MicroBatches, take
 from hallway_audit.model.losses import causal_lm
-from hallway_audit.probe import BurstOptions, OptimizerSpec, PrecisionStack, Setting, Subspace, run_sweep
+from hallway_audit.probe import (
+    BurstOptions,
+    OptimizerSpec,
+    PrecisionStack,
+    Setting,
+    Subspace,
+    run_sweep,
+)
 from hallway_audit.probe.engine import LossEvaluator
 from hallway_audit.probe.realize import Realization
 from hallway_audit.probe.shares import ExampleShares

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from hallway_audit.model.losses import causal_lm
-from hallway_audit.probe import BurstOptions, OptimizerSpec, PrecisionStack, Setting, Subspace, run_sweep
+from hallway_audit.probe import (
+    BurstOptions,
+    OptimizerSpec,
+    PrecisionStack,
+    Setting,
+    Subspace,
+    run_sweep,
+)
 from hallway_audit.probe.stats import wilson_interval
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
