@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of issue 4 as one prepared script, for a machine with a CUDA device:
-#   bash bench/gpu.sh            (from the repository root; installs nothing itself)
+#   pip install -e ".[test,hf]" && bash bench/gpu.sh     (from the repository root)
 # 1. the tests marked gpu (skipped on CPU-only machines);
 # 2. the dynamic benchmark on a ~1B parameter Llama built from a config: 3 settings,
 #    8 steps, 64 p_t samples, wall time and peak GPU memory against one plain step.
