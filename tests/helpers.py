@@ -36,3 +36,13 @@ def write_rules(path: Path, text: str) -> Path:
 
 def load_json(text: str) -> dict:
     return json.loads(text)
+
+
+def tiny_llama_model(seed: int = 0) -> torch.nn.Module:
+    """A 2-layer, 32-wide LlamaForCausalLM (vocab 64) in float32 eval mode, built from a config."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
+    return LlamaForCausalLM(config).float().eval()

@@ -24,6 +24,8 @@ from hallway_audit.probe import burst as burst_module
 from hallway_audit.probe.psi import psi_star_at, psi_star_curve, r_star, singular_values
 from hallway_audit.probe.realize import Realization, magnitude_mask, two_four_mask
 
+from helpers import tiny_llama_model
+
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
@@ -153,12 +155,7 @@ def test_lora_psi_at_step_zero_follows_row_a(monkeypatch, inside):
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
-    model = LlamaForCausalLM(config).float().eval()
+    model = tiny_llama_model()
     ids = torch.randint(0, 64, (12, 10), generator=gen(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     return model, batch

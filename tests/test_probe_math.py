@@ -431,13 +431,11 @@ def test_target_presets_on_a_llama():
 
 
 def test_uniform_proposal_noise_lies_in_the_subspace():
-    from hallway_audit.probe.pt import gaussian_in_subspace
-
     torch.manual_seed(0)
     module = nn.Sequential(nn.Linear(8, 12), nn.Linear(12, 8))
     sparse = Realization(Setting(PrecisionStack(), Subspace("sparse", sparsity=0.5, mask="2:4"), OptimizerSpec()),
                          parameter_universe(module), param_dict(module), gen())
-    z = gaussian_in_subspace(sparse, gen(1))
+    z = sparse.gaussian(gen(1))
     for name, m in sparse.masks.items():
         assert bool((z[name][~m] == 0).all()) and bool((z[name][m] != 0).all())
     lora = lora_realization(module, rank=2)
@@ -445,7 +443,7 @@ def test_uniform_proposal_noise_lies_in_the_subspace():
         for key in lora.adapter_keys():
             if key.endswith("::B"):
                 lora.phi[key].copy_(torch.randn(lora.phi[key].shape, generator=gen(2)))
-    z = gaussian_in_subspace(lora, gen(3))
+    z = lora.gaussian(gen(3))
     again = lora.project(z)
     for name in lora.trainable:
         assert torch.allclose(again[name], z[name], atol=1e-5)

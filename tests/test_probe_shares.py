@@ -27,14 +27,11 @@ from hallway_audit.probe.realize import Realization
 from hallway_audit.probe.shares import ExampleShares
 from hallway_audit.probe.targets import parameter_universe
 
+from helpers import tiny_llama_model
+
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
-    model = LlamaForCausalLM(config).float().eval()
+    model = tiny_llama_model()
     ids = torch.randint(0, 64, (12, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[3, 6:] = 0  # a padded example: token counts differ between examples

@@ -26,6 +26,8 @@ from hallway_audit.probe import (
 )
 from hallway_audit.probe.stats import wilson_interval
 
+from helpers import tiny_llama_model
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -42,13 +44,8 @@ def _reference_module():
 
 @pytest.mark.parametrize("weights", ["bf16", "fp8_e4m3"])
 def test_library_burst_agrees_with_the_straightforward_implementation(weights):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     reference = _reference_module()
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=32)
-    model = LlamaForCausalLM(config).float().eval()
+    model = tiny_llama_model()
     ids = torch.randint(0, 64, (20, 10), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     train = {k: v[:14] for k, v in batch.items()}

@@ -130,11 +130,6 @@ def combine(a: Direction, b: Direction, weight: float) -> Direction:
     return {k: a[k] + weight * b[k] for k in a}
 
 
-def gaussian_in_subspace(real: Realization, generator: torch.Generator) -> Direction:
-    """z Gaussian in S (isotropic there), drawn in S's own coordinates (Realization.gaussian)."""
-    return real.gaussian(generator)
-
-
 def is_blocked(real: Realization, moved: dict[str, Tensor], now: dict[str, Tensor]) -> bool:
     return all(torch.equal(moved[k], now[k]) for k in real.trainable)
 
@@ -221,7 +216,7 @@ def measure_pt(
 
     for _ in range(samples):
         signal = normalized(proposal_signal())
-        noise = normalized(gaussian_in_subspace(real, generator)) if sigma > 0 else None
+        noise = normalized(real.gaussian(generator)) if sigma > 0 else None
         direction = normalized(combine(signal, noise, sigma)) if noise is not None else signal
         u = scaled(direction, -radius)
         for layer in layers:
@@ -231,7 +226,7 @@ def measure_pt(
         if done(out.optimizer):
             break
     for _ in range(samples):
-        u = scaled(normalized(gaussian_in_subspace(real, generator)), radius)
+        u = scaled(normalized(real.gaussian(generator)), radius)
         out.blocked_uniform += trial(u, out.uniform, None)
         if done(out.uniform):
             break
@@ -243,7 +238,7 @@ def measure_pt(
             for _ in range(samples):
                 full_signal = proposal_signal()
                 sig = {k: full_signal[k] for k in keys}
-                noise = gaussian_in_subspace(real, generator)
+                noise = real.gaussian(generator)
                 d = normalized(sig)
                 if sigma > 0:
                     d = normalized(combine(d, normalized({k: noise[k] for k in keys}), sigma))

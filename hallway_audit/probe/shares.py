@@ -106,12 +106,11 @@ class ExampleShares:
     def agrees_with(self, index: Tensor, direct: dict[str, Tensor]) -> bool:
         """Do the shares of these examples point where the direct gradient does?"""
         mine = self.micro_batch(index)
-        dot = sum(float((mine[k].double() * direct[k].double()).sum()) for k in direct)
-        n_mine = sum(float(mine[k].double().square().sum()) for k in direct) ** 0.5
-        n_direct = sum(float(direct[k].double().square().sum()) for k in direct) ** 0.5
+        a = torch.cat([mine[k].double().flatten() for k in direct])
+        b = torch.cat([direct[k].double().flatten() for k in direct])
+        n_mine, n_direct = float(a.norm()), float(b.norm())
         if n_direct == 0.0 or n_mine == 0.0:
             return n_direct == n_mine
         # the factor between them is free (loss normalization): compare directions
-        scale = dot / n_mine**2
-        err = sum(float((scale * mine[k].double() - direct[k].double()).square().sum()) for k in direct) ** 0.5
-        return dot > 0 and err <= AGREEMENT * n_direct
+        dot = float(a @ b)
+        return dot > 0 and float((dot / n_mine**2 * a - b).norm()) <= AGREEMENT * n_direct

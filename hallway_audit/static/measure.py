@@ -77,17 +77,15 @@ def movable_below(fmt: Format, lr: float) -> float:
     return 0.0 if first == 0 else float(_BINADES[first])
 
 
-def _every_value(dtype: torch.dtype) -> torch.Tensor | None:
-    """Every finite value of a float dtype of at most 16 bits, as float32 (else None)."""
+@functools.lru_cache(maxsize=8)
+def _pattern_values(dtype: torch.dtype) -> torch.Tensor:
+    """float32 value of every bit pattern of an 8- or 16-bit float dtype, indexed by the
+    pattern read as unsigned."""
     bits = torch.finfo(dtype).bits
-    if bits > 16:
-        return None
-    ints = {8: torch.uint8, 16: torch.int16}[bits]
     patterns = torch.arange(2**bits, dtype=torch.int32)
     if bits == 16:
         patterns = torch.where(patterns >= 2**15, patterns - 2**16, patterns)
-    values = patterns.to(ints).view(dtype).to(torch.float32)
-    return values[torch.isfinite(values)]
+    return patterns.to(torch.int16 if bits == 16 else torch.uint8).view(dtype).to(torch.float32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,10 +99,11 @@ def holds_every_value(fmt: Format, dtype: torch.dtype) -> bool:
     """
     if fmt.scaled:
         return False
-    values = _every_value(dtype) if dtype not in (torch.float32, torch.float64) else None
-    if values is None:
-        probe = torch.tensor([2.0**-149, 2.0**-126 * (1 + 2.0**-23), 1 + 2.0**-23, torch.finfo(torch.float32).max])
-        return bool(torch.equal(fmt.at(probe).quantize(probe), probe))
+    if torch.finfo(dtype).bits > 16:
+        values = torch.tensor([2.0**-149, 2.0**-126 * (1 + 2.0**-23), 1 + 2.0**-23, torch.finfo(torch.float32).max])
+    else:
+        values = _pattern_values(dtype)
+        values = values[torch.isfinite(values)]
     return bool(torch.equal(fmt.at(values).quantize(values), values))
 
 
@@ -180,14 +179,6 @@ class _Part:
         if ft.nonzero:
             ft.ulp_rel_hist = log2_histogram((ulp_sample / self.sample)[self.sample_nz])
         return ft
-
-
-@functools.lru_cache(maxsize=4)
-def _pattern_values(dtype: torch.dtype) -> torch.Tensor:
-    """float32 value of every 16-bit pattern of `dtype`, indexed by the pattern as unsigned."""
-    patterns = torch.arange(2**16, dtype=torch.int32)
-    signed = torch.where(patterns >= 2**15, patterns - 2**16, patterns).to(torch.int16)
-    return signed.view(dtype).to(torch.float32)
 
 
 def pattern_counts(flat: torch.Tensor) -> torch.Tensor:
@@ -276,20 +267,15 @@ def measure_tensor(w: torch.Tensor, formats: dict[str, Format], lr: float, *, by
     pattern_dtype = _pattern_dtype(flat) if by_pattern and plain else None
     if pattern_dtype is not None:
         _pattern_tally(pattern_counts(flat), pattern_dtype, plain, lr, tally)
-        if not scaled:
-            return tally
-        whole = _Part(w, stride)
-        for name, fmt in scaled.items():
-            tally.formats[name] += whole.tally(fmt, lr)
-        return tally
-    # Chunks start at multiples of the stride, so the sample is the same as unchunked.
-    chunk = max(CHUNK // stride, 1) * stride
-    for start in range(0, max(flat.numel(), 1), chunk):
-        part = _Part(flat[start : start + chunk], stride)
-        tally.nonfinite += part.nonfinite
-        tally.zeros += part.zeros - part.nonfinite
-        for name, fmt in plain.items():
-            tally.formats[name] += part.tally(fmt, lr)
+    else:
+        # Chunks start at multiples of the stride, so the sample is the same as unchunked.
+        chunk = max(CHUNK // stride, 1) * stride
+        for start in range(0, max(flat.numel(), 1), chunk):
+            part = _Part(flat[start : start + chunk], stride)
+            tally.nonfinite += part.nonfinite
+            tally.zeros += part.zeros - part.nonfinite
+            for name, fmt in plain.items():
+                tally.formats[name] += part.tally(fmt, lr)
     if scaled:
         whole = _Part(w, stride)  # channel/block scales need the tensor's shape
         for name, fmt in scaled.items():
