@@ -7,9 +7,9 @@ are the extension points.
 
 __version__ = "0.3.0"
 
-from .audit import AuditResult, CheckpointSummary, DynamicPlan, Gate, audit  # noqa: E402
-from .checkpoint import Checkpoint, TensorInfo, open_checkpoint  # noqa: E402
-from .errors import (  # noqa: E402
+from .audit import AuditResult, CheckpointSummary, DynamicPlan, Gate, audit
+from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .errors import (
     CheckpointError,
     ExitCode,
     HallwayError,
@@ -18,27 +18,23 @@ from .errors import (  # noqa: E402
     RuleFileError,
     UsageError,
 )
-from .lattice import Format, Lattice, get_format, list_formats  # noqa: E402
-from .metrics import METRICS, Metric  # noqa: E402
-from .probe import BurstOptions, DynamicResult, Setting, SettingResult, SweepSpec  # noqa: E402
-from .recommend import Recommendation  # noqa: E402
-from .report import get_formatter  # noqa: E402
-from .rules import Outcome, RuleSet, Subject, evaluate, load_rules  # noqa: E402
-from .static import StaticResult, run_static  # noqa: E402
+from .lattice import Format, Lattice, get_format, list_formats
+from .metrics import METRICS, Metric
+from .probe import BurstOptions, DynamicResult, Setting, SettingResult, SweepSpec
+from .recommend import Recommendation
+from .report import get_formatter
+from .rules import Outcome, RuleSet, Subject, evaluate, load_rules
+from .static import StaticResult, run_static
 
 __all__ = [
     "METRICS",
     "AuditResult",
     "BurstOptions",
-    "DynamicPlan",
-    "DynamicResult",
-    "Recommendation",
-    "Setting",
-    "SettingResult",
-    "SweepSpec",
     "Checkpoint",
     "CheckpointError",
     "CheckpointSummary",
+    "DynamicPlan",
+    "DynamicResult",
     "ExitCode",
     "Format",
     "Gate",
@@ -47,11 +43,15 @@ __all__ = [
     "Metric",
     "Outcome",
     "OutputError",
+    "Recommendation",
     "ResourceError",
     "RuleFileError",
     "RuleSet",
+    "Setting",
+    "SettingResult",
     "StaticResult",
     "Subject",
+    "SweepSpec",
     "TensorInfo",
     "UsageError",
     "__version__",

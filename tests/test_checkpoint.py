@@ -29,8 +29,8 @@ from hallway_audit.checkpoint import (
     open_checkpoint,
     reader_names,
     register_reader,
+    registry,
 )
-from hallway_audit.checkpoint import registry
 from hallway_audit.errors import CheckpointError, ExitCode, UnknownNameError
 
 # -- helpers -------------------------------------------------------------------
@@ -67,10 +67,9 @@ def fails(path: Path, *words: str) -> str:
     and leave every file untouched."""
     root = path if path.is_dir() else path.parent
     before = digest(root)
-    with pytest.raises(CheckpointError) as caught:
-        with open_checkpoint(path) as ckpt:
-            for _ in ckpt:
-                pass
+    with pytest.raises(CheckpointError) as caught, open_checkpoint(path) as ckpt:
+        for _ in ckpt:
+            pass
     message = str(caught.value)
     assert caught.value.exit_code == ExitCode.CHECKPOINT
     assert "\n" not in message and "Traceback" not in message
@@ -187,7 +186,7 @@ def test_hf_directory_with_sharded_pytorch_bins(tmp_path, ckpt_hf_llama_dir):
     weight_map = {}
     for shard, keys in halves.items():
         torch.save({k: state[k] for k in keys}, out / shard)
-        weight_map.update({k: shard for k in keys})
+        weight_map.update(dict.fromkeys(keys, shard))
     (out / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with open_checkpoint(out) as ckpt:
         assert ckpt.kind == "hf" and ckpt.weights_layout == "torch"

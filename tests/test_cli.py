@@ -11,11 +11,10 @@ import xml.etree.ElementTree as ET
 
 import pytest
 import torch
+from helpers import EXAMPLE, tiny_mlp_state, write_rules, write_safetensors
 
 from hallway_audit.cli import main
 from hallway_audit.report import SCHEMA_VERSION
-
-from helpers import EXAMPLE, tiny_mlp_state, write_rules, write_safetensors
 
 LENIENT = """
 rules:

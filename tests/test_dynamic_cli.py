@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import EXAMPLE
 from safetensors.torch import save_file
 
 from hallway_audit.cli import main
 from hallway_audit.errors import ExitCode
-
-from helpers import EXAMPLE
 
 MODEL_KEYS = ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_hi", "p_t_uniform", "p_t_val", "blocked", "beta",
               "beta_proposed", "beta_eff", "beta_eff_elem", "loss", "val_loss")
@@ -294,7 +293,7 @@ def test_same_command_gives_identical_json(example_runs):
 def test_recommendation_is_the_lowest_passing_rank(example_runs):
     _, (doc, _) = example_runs
     settings = {s["id"]: s for s in doc["settings"]}
-    errors = {sid: 0 for sid in settings}
+    errors = dict.fromkeys(settings, 0)
     global_errors = 0
     for f in doc["findings"]:
         if f["severity"] == "error":

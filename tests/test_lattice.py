@@ -69,7 +69,7 @@ def test_every_representable_value_is_fixed(name):
 def test_every_midpoint_rounds_like_ml_dtypes(name):
     pos = table(name)
     mids = ((pos[:-1].astype(np.float64) + pos[1:]) / 2).astype(np.float32)
-    assert np.all(((mids.astype(np.float64) * 2) == (pos[:-1].astype(np.float64) + pos[1:])))  # exact
+    assert np.all((mids.astype(np.float64) * 2) == (pos[:-1].astype(np.float64) + pos[1:]))  # exact
     x = np.concatenate([mids, -mids])
     q = get_format(name).quantize(t(x)).numpy()
     assert same_bits(q, cast(name, x))

@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama_model
 from torch import nn
 
 from hallway_audit.model.losses import causal_lm
@@ -23,8 +24,6 @@ from hallway_audit.probe import BurstOptions, OptimizerSpec, PrecisionStack, Set
 from hallway_audit.probe import burst as burst_module
 from hallway_audit.probe.psi import psi_star_at, psi_star_curve, r_star, singular_values
 from hallway_audit.probe.realize import Realization, magnitude_mask, two_four_mask
-
-from helpers import tiny_llama_model
 
 
 def gen(seed: int = 0) -> torch.Generator:

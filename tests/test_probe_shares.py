@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_llama_model
 from torch import nn
 
 from hallway_audit.model.data import MicroBatches, take
@@ -26,8 +27,6 @@ from hallway_audit.probe.engine import LossEvaluator
 from hallway_audit.probe.realize import Realization
 from hallway_audit.probe.shares import ExampleShares
 from hallway_audit.probe.targets import parameter_universe
-
-from helpers import tiny_llama_model
 
 
 def _llama():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_llama_model
 
 from hallway_audit.model.losses import causal_lm
 from hallway_audit.probe import (
@@ -25,8 +26,6 @@ from hallway_audit.probe import (
     run_sweep,
 )
 from hallway_audit.probe.stats import wilson_interval
-
-from helpers import tiny_llama_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

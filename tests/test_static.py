@@ -8,14 +8,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_mlp_state, write_safetensors
 
 from hallway_audit.checkpoint import open_checkpoint
 from hallway_audit.lattice import get_format
 from hallway_audit.static import run_static, spectral_figures
 from hallway_audit.static.measure import measure_tensor
 from hallway_audit.static.tally import HIST_PER_OCTAVE, histogram_median, log2_histogram
-
-from helpers import tiny_mlp_state, write_safetensors
 
 
 def _bf16(x: np.ndarray) -> np.ndarray:
@@ -157,7 +156,7 @@ def test_bit_pattern_path_equals_element_by_element(dtype, lr):
     """The 16-bit fast path (count each bit pattern once, quantize 65536 values) gives
     the same counts and the same histogram as quantizing every element, for zero,
     -0, subnormals, max finite, beyond fp8's range, ties, NaN and +-inf."""
-    import hallway_audit.static.measure as measure
+    from hallway_audit.static import measure
 
     w = _edge_tensor(dtype)
     fmts = {n: get_format(n) for n in PLAIN}
@@ -182,7 +181,7 @@ def test_bit_pattern_path_equals_element_by_element(dtype, lr):
 def test_float32_holding_bf16_values_is_tallied_by_pattern_with_the_same_figures(lr, monkeypatch):
     """bf16 weights saved upcast to float32 (low 16 bits zero) take the pattern path;
     one float32 weight off the bf16 lattice sends the tensor down the element path."""
-    import hallway_audit.static.measure as measure
+    from hallway_audit.static import measure
 
     w = _edge_tensor(torch.bfloat16).float()
     fmts = {n: get_format(n) for n in PLAIN}
@@ -206,7 +205,7 @@ def test_float32_holding_bf16_values_is_tallied_by_pattern_with_the_same_figures
 
 
 def test_bit_pattern_path_is_taken_for_large_16_bit_tensors_and_scaled_formats_still_measured():
-    import hallway_audit.static.measure as measure
+    from hallway_audit.static import measure
 
     w = _edge_tensor(torch.bfloat16)
     assert w.numel() >= measure.PATTERN_MIN

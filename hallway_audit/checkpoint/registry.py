@@ -32,7 +32,7 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.onnx")
 def register_reader(
     name: str,
     detect: Callable[[Path], bool],
-    open: Callable[[Path], Checkpoint],  # noqa: A002 - mirrors the registry entry's field
+    open: Callable[[Path], Checkpoint],
     *,
     replace: bool = False,
 ) -> None:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("out of memory (host): audit on a machine with more RAM or pass --device cuda", int(ExitCode.RESOURCES))
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
-    except Exception as exc:  # noqa: BLE001  -- last resort: one line, not a traceback
+    except Exception as exc:
         import torch
 
         if isinstance(exc, torch.OutOfMemoryError):

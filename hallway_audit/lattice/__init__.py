@@ -10,4 +10,4 @@ from hallway_audit.lattice import catalog as _catalog  # noqa: F401  (fills the 
 from hallway_audit.lattice.base import NAN_CELL, Format, Lattice
 from hallway_audit.lattice.registry import get_format, list_formats, register
 
-__all__ = ["Format", "Lattice", "NAN_CELL", "get_format", "list_formats", "register"]
+__all__ = ["NAN_CELL", "Format", "Lattice", "get_format", "list_formats", "register"]

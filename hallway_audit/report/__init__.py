@@ -7,9 +7,9 @@ from .write import write_atomic
 
 __all__ = [
     "FORMATTERS",
+    "SCHEMA_VERSION",
     "Formatter",
     "RenderOptions",
-    "SCHEMA_VERSION",
     "formatter_names",
     "get_formatter",
     "register_formatter",

@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 
 from .base import Formatter, RenderOptions, register_formatter
 
+
 def _case_name(outcome) -> str:
     s = outcome.subject
     where = s.layer or "(model)"

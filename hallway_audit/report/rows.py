@@ -72,9 +72,9 @@ def verdict_label(verdict: str) -> str:
 
 def rule_file_label(path: str) -> str:
     """Bundled files by name, as the user asked for them; other files by path."""
-    from ..rules import bundled_rule_files
-
     from pathlib import Path
+
+    from ..rules import bundled_rule_files
 
     p = Path(path)
     if p.name in bundled_rule_files() and p.parent.name in ("rules", "bundled_rules"):

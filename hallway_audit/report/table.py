@@ -12,22 +12,22 @@ from rich.text import Text
 
 from .base import Formatter, RenderOptions, register_formatter
 from .rows import (
-    interval,
-    layer_verdicts,
-    peft_snippet,
-    setting_severity,
-    sparkline,
-    grouped_findings,
     SEVERITY_STYLE,
+    grouped_findings,
     human_bytes,
     human_count,
+    interval,
+    layer_verdicts,
     num,
     pct,
+    peft_snippet,
     ranked_layers,
     rule_file_label,
-    verdict_label,
+    setting_severity,
     severity_counts,
     skipped_rules,
+    sparkline,
+    verdict_label,
 )
 
 

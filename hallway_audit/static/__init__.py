@@ -5,4 +5,4 @@ from .result import LayerResult, StaticResult, TensorEntry
 from .spectral import spectral_figures
 from .tally import FormatTally, Tally
 
-__all__ = ["run_static", "StaticResult", "LayerResult", "TensorEntry", "Tally", "FormatTally", "spectral_figures"]
+__all__ = ["FormatTally", "LayerResult", "StaticResult", "Tally", "TensorEntry", "run_static", "spectral_figures"]
