@@ -90,7 +90,7 @@ class Reference:
         leaves = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
         loss = self._loss(leaves, batch)
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads)}
+        return {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads, strict=True)}
 
     def project(self, g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {}
@@ -214,9 +214,9 @@ def compare(name: str, model_dir: Path, steps: int, samples: int, rank: int) -> 
     shipped = library(loaded.module, loss_fn, setting, train, val, BurstOptions(steps=steps, samples=samples))
     t_ship = time.perf_counter() - t
 
-    loss_diff = max(abs(a - s.loss) for a, s in zip(ref["loss"], same.steps))
-    psi_diff = max(abs(a - s.psi) for a, s in zip(ref["psi"], same.steps))
-    beta_diff = max(abs(a - s.beta) for a, s in zip(ref["beta"], same.steps))
+    loss_diff = max(abs(a - s.loss) for a, s in zip(ref["loss"], same.steps, strict=True))
+    psi_diff = max(abs(a - s.psi) for a, s in zip(ref["psi"], same.steps, strict=True))
+    beta_diff = max(abs(a - s.beta) for a, s in zip(ref["beta"], same.steps, strict=True))
     rstar = {p: d.r_star for p, d in same.layers.items() if d.r_star is not None}
     rstar_ref = {n.removesuffix(".weight"): r for n, r in ref["r_star"].items()}
     rstar_equal = sum(rstar_ref[k] == v for k, v in rstar.items())
@@ -224,7 +224,7 @@ def compare(name: str, model_dir: Path, steps: int, samples: int, rank: int) -> 
     print(f"agreement: loss max|diff| {loss_diff:.2e}, psi {psi_diff:.2e}, beta {beta_diff:.2e}, "
           f"r_star equal in {rstar_equal}/{len(rstar)} layers")
     print(f"{'state':>6} {'proposal':>10} {'reference':>26} {'library, same K':>26} {'library, shipped':>26}")
-    for (state, counts), a, b in zip(zip((0, steps), ref["pt"]), same.pt, shipped.pt):
+    for (state, counts), a, b in zip(zip((0, steps), ref["pt"], strict=True), same.pt, shipped.pt, strict=True):
         for label, key, ra, rb in (("optimizer", "optimizer", a.optimizer, b.optimizer), ("uniform", "uniform", a.uniform, b.uniform),
                                    ("held-out", "val", a.val, b.val)):
             print(f"{state:>6} {label:>10} {interval(counts[key], samples):>26} {interval(ra.successes, ra.n):>26} "

@@ -54,7 +54,7 @@ def test_bundled_example_audits_with_default_rules(capsys):
 
 
 def test_json_is_the_only_thing_on_stdout_and_matches_the_schema(capsys, mlp):
-    code, out, err = run(capsys, str(mlp), "--format", "json", "--precision", "bf16,fp8_e4m3", "--lr", "1e-5")
+    code, out, _err = run(capsys, str(mlp), "--format", "json", "--precision", "bf16,fp8_e4m3", "--lr", "1e-5")
     doc = json.loads(out)
     assert doc["schema_version"] == SCHEMA_VERSION
     assert doc["tool"]["name"] == "hallway-audit"
@@ -102,7 +102,7 @@ def test_usage_errors_exit_2_with_one_line(capsys, mlp, argv, needle):
 
 
 def test_missing_checkpoint_exits_3(capsys, tmp_path):
-    code, out, err = run(capsys, str(tmp_path / "nope.safetensors"))
+    code, _out, err = run(capsys, str(tmp_path / "nope.safetensors"))
     assert code == 3 and "nope.safetensors" in err and len(err.strip().splitlines()) == 1
 
 
@@ -124,7 +124,7 @@ def test_invalid_rule_file_exits_4_naming_file_and_line(capsys, tmp_path, mlp):
 
 def test_output_file_is_written_atomically_and_stdout_stays_empty(capsys, tmp_path, mlp):
     target = tmp_path / "report.json"
-    code, out, err = run(capsys, str(mlp), "--format", "json", "--output", str(target))
+    code, out, _err = run(capsys, str(mlp), "--format", "json", "--output", str(target))
     assert out == ""
     assert json.loads(target.read_text())["gate"]["exit_code"] == code
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".report")] == []  # no temp file left
@@ -147,7 +147,7 @@ def test_markdown_and_junit_reports(capsys, tmp_path, nan_mlp):
 
 
 def test_dynamic_rules_are_reported_skipped_not_passed(capsys, mlp):
-    code, out, _ = run(capsys, str(mlp), "--format", "json")
+    _code, out, _ = run(capsys, str(mlp), "--format", "json")
     summary = {r["id"]: r for r in json.loads(out)["rules"]["summary"]}
     dynamic = [r for r in summary.values() if r["phase"] == "dynamic"]
     assert dynamic, "default.yaml carries the dynamic practitioner rule"
@@ -187,10 +187,10 @@ def test_help_and_version(capsys):
 def test_console_script_and_module_entry_points(mlp):
     env = {**os.environ, "NO_COLOR": "1"}
     proc = subprocess.run([sys.executable, "-m", "hallway_audit", str(mlp), "--format", "json"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
     assert proc.returncode in (0, 1) and json.loads(proc.stdout)["gate"]["exit_code"] == proc.returncode
     proc = subprocess.run([sys.executable, "-m", "hallway_audit", str(mlp) + ".missing"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, env=env, timeout=120, check=False)
     assert proc.returncode == 3 and "Traceback" not in proc.stderr
 
 

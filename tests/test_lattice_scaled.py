@@ -6,6 +6,7 @@ Python floats / ml_dtypes for the element casts), never from the package.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import ml_dtypes
@@ -143,7 +144,7 @@ def test_nf4_levels_map_to_themselves_and_cell_ids():
 
 
 def test_nf4_midpoints_tie_to_lower_level():
-    mids = [(np.float64(a) + b) / 2 for a, b in zip(NF4[:-1], NF4[1:])]
+    mids = [(np.float64(a) + b) / 2 for a, b in itertools.pairwise(NF4)]
     x = np.float32(mids)
     ref = torch.from_numpy(np.concatenate([x, [1.0]]).astype(np.float32))
     lat = get_format("nf4").at(ref)

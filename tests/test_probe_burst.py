@@ -105,7 +105,7 @@ def test_psi_star_and_psi_rank_of_a_constant_full_rank_gradient():
     s = np.linalg.svd(c.double().numpy(), compute_uv=False)
     psi_star = [math.sqrt((s[:r] ** 2).sum() / (s**2).sum()) for r in range(1, 13)]
     results = sweep(model, [setting(kind="lora", rank=r) for r in (1, 4, 12)], linear, dummy_batch(), psi_target=0.9)
-    for r, result in zip((1, 4, 12), results):
+    for r, result in zip((1, 4, 12), results, strict=True):
         layer = result.layers[""]
         assert layer.psi_star[1] == pytest.approx(psi_star[0], rel=1e-6)
         assert layer.psi_star[8] == pytest.approx(psi_star[7], rel=1e-6)

@@ -218,7 +218,7 @@ def test_two_four_mask_keeps_the_two_largest_of_every_group_of_four():
     mask = two_four_mask(w)
     groups, kept = w.abs().reshape(-1, 4), mask.reshape(-1, 4)
     assert bool((kept.sum(1) == 2).all())
-    for values, keep in zip(groups, kept):
+    for values, keep in zip(groups, kept, strict=True):
         assert float(values[keep].min()) >= float(values[~keep].max())
     with pytest.raises(UsageError, match="divisible by 4"):
         two_four_mask(torch.randn(4, 6))

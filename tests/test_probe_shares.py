@@ -126,7 +126,7 @@ def test_burst_with_shares_gives_the_p_t_counts_of_direct_gradients(monkeypatch)
     slow = _run(model, batch, causal_lm)
     assert [s.g_b for s in slow.pt] == ["direct", "direct"]
     assert slow.backwards == 1 + 2 + 16 + 1 + 16
-    for a, b in zip(fast.pt, slow.pt):
+    for a, b in zip(fast.pt, slow.pt, strict=True):
         assert (a.optimizer.successes, a.optimizer.n, a.blocked) == (b.optimizer.successes, b.optimizer.n, b.blocked)
         assert (a.uniform.successes, a.uniform.n) == (b.uniform.successes, b.uniform.n)
         assert {k: r.successes for k, r in a.surrogate.items()} == {k: r.successes for k, r in b.surrogate.items()}

@@ -136,8 +136,7 @@ def test_per_setting_dedup(rs: RuleSet) -> None:
     subjects = []
     for name in ("l0", "l1"):
         subjects.append(layer(name, None, nonfinite=2, params=10))
-        for fmt in ("bf16", "fp8_e4m3", "int4"):
-            subjects.append(layer(name, fmt, beta_pred=0.01, lr=1e-5, format=fmt, nonfinite=2))
+        subjects += [layer(name, fmt, beta_pred=0.01, lr=1e-5, format=fmt, nonfinite=2) for fmt in ("bf16", "fp8_e4m3", "int4")]
     out = evaluate(rs, subjects)
     nan = by_rule(out, "nan-weights")
     assert [(o.subject.layer, o.subject.setting, o.status) for o in nan] == [("l0", None, "fired"), ("l1", None, "fired")]

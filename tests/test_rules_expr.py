@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -195,8 +196,7 @@ def test_matches_python_on_safe_operators(a: float, b: float, op: str) -> None:
     assert ev(f"a {op} b", a=a, b=b) == expected
 
 
-_alphabet = st.sampled_from(list("xyab01234.+-*/%<>=!()[]'\", _") + ["**", "//", " and ", " or ", " not ",
-                                                                     " in ", "sqrt(", "min(", "__", "lambda", "if", "else", ".real"])
+_alphabet = st.sampled_from([*list("xyab01234.+-*/%<>=!()[]'\", _"), "**", "//", " and ", " or ", " not ", " in ", "sqrt(", "min(", "__", "lambda", "if", "else", ".real"])
 
 
 @settings(max_examples=300, deadline=None)
@@ -207,10 +207,8 @@ def test_arbitrary_text_only_raises_the_two_expr_errors(parts: list[str], x: flo
         expr = parse_expr(source)
     except ExprSyntaxError:
         return
-    try:
+    with contextlib.suppress(ExprError):
         expr.evaluate({"x": x, "y": y, "a": "bf16", "b": True})
-    except ExprError:
-        pass
 
 
 def test_python_syntax_warnings_are_errors_not_stderr_noise() -> None:

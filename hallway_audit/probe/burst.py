@@ -68,7 +68,7 @@ def _adam_preconditioner(opt: torch.optim.Optimizer, keys: list[str], params: li
     group = opt.param_groups[0]
     beta2, eps = group["betas"][1], group["eps"]
     denoms: dict[str, Tensor] = {}
-    for key, p in zip(keys, params):
+    for key, p in zip(keys, params, strict=True):
         state = opt.state.get(p, {})
         if "exp_avg_sq" in state:
             step = float(state["step"])

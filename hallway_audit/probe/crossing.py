@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 
 import torch
 from torch import Tensor, nn
@@ -12,10 +13,8 @@ from ..lattice import Format
 
 # |delta| / ULP in log2 bins: [0, 1/64), [1/64, 1/32), ..., [32, 64), [64, inf).
 HIST_EDGES: tuple[float, ...] = tuple(2.0**k for k in range(-6, 7))
-HIST_LABELS: tuple[str, ...] = ("<1/64",) + tuple(
-    f"{_a}-{_b}" for _a, _b in zip(("1/64", "1/32", "1/16", "1/8", "1/4", "1/2", "1", "2", "4", "8", "16", "32"),
-                                    ("1/32", "1/16", "1/8", "1/4", "1/2", "1", "2", "4", "8", "16", "32", "64"))
-) + (">64",)
+_BIN_EDGES = ("1/64", "1/32", "1/16", "1/8", "1/4", "1/2", "1", "2", "4", "8", "16", "32", "64")
+HIST_LABELS: tuple[str, ...] = ("<1/64", *(f"{a}-{b}" for a, b in pairwise(_BIN_EDGES)), ">64")
 
 
 @torch.no_grad()

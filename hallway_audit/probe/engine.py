@@ -64,4 +64,4 @@ class LossEvaluator:
             loss = self._call(leaves, batch)
             value = self._checked(float(loss.detach()), what)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-        return value, {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads)}
+        return value, {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads, strict=True)}

@@ -59,7 +59,7 @@ def tangent_projection(g: Tensor, a: Tensor, b: Tensor, bases: tuple[Tensor, Ten
 def magnitude_mask(w: Tensor, keep: float) -> Tensor:
     """Keep the largest-|w| fraction `keep` of a matrix (exact count, ties by index)."""
     n = w.numel()
-    k = int(round(keep * n))
+    k = round(keep * n)
     mask = torch.zeros(n, dtype=torch.bool, device=w.device)
     if k:
         mask[torch.topk(w.abs().flatten(), k, sorted=False).indices] = True
@@ -68,7 +68,7 @@ def magnitude_mask(w: Tensor, keep: float) -> Tensor:
 
 def random_mask(w: Tensor, keep: float, generator: torch.Generator) -> Tensor:
     n = w.numel()
-    k = int(round(keep * n))
+    k = round(keep * n)
     mask = torch.zeros(n, dtype=torch.bool)
     mask[torch.randperm(n, generator=generator)[:k]] = True
     return mask.view_as(w).to(w.device)

@@ -56,7 +56,7 @@ class LayerDynamics:
             "beta_proposed": _mean(self.beta_proposed) if self.trainable else None,
             "beta_adapter": _mean(self.beta_adapter),
             "beta_eff_elem": _mean(self.beta_eff_elem),
-            "ulp_hist": {label: _ratio(int(c), total) for label, c in zip(HIST_LABELS, self.hist.tolist())} if total else None,
+            "ulp_hist": {label: _ratio(int(c), total) for label, c in zip(HIST_LABELS, self.hist.tolist(), strict=True)} if total else None,
             "ulp_mass_above_half": _ratio(above, total) if self.trainable else None,
             "p_t_surrogate": surrogate.p if surrogate else None,
         }

@@ -295,7 +295,7 @@ class _StructureChecker:
             self.visit(node.right)
         elif isinstance(node, ast.Compare):
             self.visit(node.left)
-            for op, right in zip(node.ops, node.comparators):
+            for op, right in zip(node.ops, node.comparators, strict=True):
                 if type(op) not in _CMPOPS:
                     self.bad(f"comparison {_OP_NAMES.get(type(op), type(op).__name__)!r} (use == or !=)", node)
                 is_in = isinstance(op, (ast.In, ast.NotIn))
@@ -403,7 +403,7 @@ class _TypeChecker:
             return "bool"
         if isinstance(node, ast.Compare):
             left = self.visit(node.left)
-            for op, right_node in zip(node.ops, node.comparators):
+            for op, right_node in zip(node.ops, node.comparators, strict=True):
                 if isinstance(op, (ast.In, ast.NotIn)) and isinstance(right_node, (ast.List, ast.Tuple)):
                     for elt in right_node.elts:
                         self.compare(left, self.visit(elt), op, node)
@@ -472,7 +472,7 @@ class _Evaluator:
             return _check_int(fn(a, b))
         if isinstance(node, ast.Compare):
             left = self.visit(node.left)
-            for op, right_node in zip(node.ops, node.comparators):
+            for op, right_node in zip(node.ops, node.comparators, strict=True):
                 right = self.visit(right_node)
                 sym, fn = _CMPOPS[type(op)]
                 try:

@@ -327,7 +327,7 @@ class _Loader:
             self.problem(d, _line(node), f"{key} must be a list of strings, got {type(value).__name__}")
             return []
         out = []
-        for item, item_node in zip(value, node.value):
+        for item, item_node in zip(value, node.value, strict=True):
             if isinstance(item, str) and item.strip():
                 out.append((item.strip(), _line(item_node)))
             else:
@@ -343,15 +343,16 @@ class _Loader:
             return
         lines = _key_lines(node)
         value_nodes = {k.value: v for k, v in node.value if isinstance(k, yaml.ScalarNode)}
-        for name, v in value.items():
+        for name, given in value.items():
             line = lines.get(name, _line(node)) if isinstance(name, str) else _line(node)
             vnode = value_nodes.get(name)
+            v = given
             if isinstance(v, str) and isinstance(vnode, yaml.ScalarNode) and vnode.style is None and _YAML11_FLOAT.fullmatch(v):
                 v = float(v)  # YAML 1.1 reads an unquoted 1e-4 as a string; nobody means that
             bad = var_name_problem(name)
             if bad:
                 self.problem(d, line, bad)
-            elif isinstance(v, bool) or isinstance(v, (int, str)):
+            elif isinstance(v, (bool, int, str)):
                 raw.vars.append((name, v, line))
             elif isinstance(v, float):
                 if math.isnan(v):
@@ -369,7 +370,7 @@ class _Loader:
             self.problem(d, _line(node), f"rules must be a list of rules, got {type(value).__name__}")
             return
         seen: dict[str, int] = {}
-        for i, (item, item_node) in enumerate(zip(value, node.value)):
+        for i, (item, item_node) in enumerate(zip(value, node.value, strict=True)):
             line = _line(item_node)
             label = f"#{i + 1}"
             if not isinstance(item, dict) or not isinstance(item_node, yaml.MappingNode):

@@ -78,12 +78,12 @@ def parse_template(source: str) -> tuple[Template, list[str]]:
         parsed = list(string.Formatter().parse(source))
     except ValueError as exc:
         return Template(source, (source,)), [f"message template: {exc} (write '{{{{' and '}}}}' for literal braces)"]
-    for literal, name, spec, conversion in parsed:
+    for literal, name, given_spec, conversion in parsed:
         if literal:
             parts.append(literal)
         if name is None:
             continue
-        spec = spec or ""
+        spec = given_spec or ""
         if not _IDENT.fullmatch(name):
             if name == "" or name.isdigit():
                 problems.append(f"message field {{{name}}} must name a value, e.g. {{layer}}")

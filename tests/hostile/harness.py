@@ -36,8 +36,8 @@ class Outcome:
 def digest(paths: Iterable[Path]) -> dict[str, str]:
     """sha256 of every regular file under `paths` (files or directories); links are not followed."""
     out: dict[str, str] = {}
-    for root in paths:
-        root = Path(root)
+    for given in paths:
+        root = Path(given)
         files = [root] if not root.is_dir() else sorted(p for p in root.rglob("*") if p.is_file())
         for f in files:
             if f.is_symlink() or not f.is_file():
