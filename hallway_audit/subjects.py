@@ -7,16 +7,23 @@ zero fraction, spectral), so rules over them fire once per layer, not once per f
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeGuard
 
 from .lattice import get_format
 from .metrics import METRICS
 from .probe import DynamicResult
 from .rules import Subject
+from .rules.evaluate import MetricValue
 from .static import StaticResult
 
 
-def _setting_context(fmt: str, lr: float) -> dict[str, object]:
+def _setting_context(fmt: str, lr: float) -> dict[str, MetricValue]:
     return {"format": fmt, "lr": lr, "bits": get_format(fmt).bits}
+
+
+def _is_value(v: object) -> TypeGuard[MetricValue]:
+    """Rules compare scalars; nested figures (histograms, psi_star by rank) stay in the report."""
+    return v is None or isinstance(v, (int, float, str))
 
 
 def static_subjects(static: StaticResult) -> Iterator[Subject]:
@@ -38,11 +45,11 @@ def dynamic_subjects(dynamic: DynamicResult) -> Iterator[Subject]:
     """One subject per (setting, layer), per setting for the model, and the setting itself."""
     for result in dynamic.settings:
         s = result.setting
-        ctx = {"format": s.precision.weights, "lr": s.optimizer.lr, "bits": s.bits, "rank": s.rank}
+        ctx: dict[str, MetricValue] = {"format": s.precision.weights, "lr": s.optimizer.lr, "bits": s.bits, "rank": s.rank}
         for layer, metrics in result.layer_metrics().items():
-            values = {k: v for k, v in metrics.items() if k in METRICS}
+            values = {k: v for k, v in metrics.items() if k in METRICS and _is_value(v)}
             planned = result.layers[layer].planned_rank
             yield Subject("layer", result.id, layer, {**values, **ctx, "rank": planned if planned is not None else s.rank})
-        model = {k: v for k, v in result.model_metrics().items() if k in METRICS}
+        model = {k: v for k, v in result.model_metrics().items() if k in METRICS and _is_value(v)}
         yield Subject("model", result.id, None, {**model, **ctx})
         yield Subject("setting", result.id, None, {**model, **ctx})

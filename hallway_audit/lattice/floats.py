@@ -158,6 +158,7 @@ class FloatFormat(Format):
     """A plain (unscaled) float format; every IEEE-like format is one instance."""
 
     scaled = False
+    grid: FloatGrid
 
     def __init__(
         self, name: str, ebits: int, mbits: int, special: Special = "ieee", description: str = ""

@@ -40,6 +40,7 @@ class IntGrid(Grid):
 
 
 class IntFormat(ScaledFormat):
+    grid: IntGrid
     """Symmetric int format with `bits` bits (levels +-(2^(bits-1)-1)) over `blocking`."""
 
     def __init__(

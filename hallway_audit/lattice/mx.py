@@ -24,13 +24,14 @@ import torch
 from torch import Tensor
 
 from hallway_audit.lattice.base import FP32_TINY
-from hallway_audit.lattice.floats import FloatFormat, exp2i, floor_log2
+from hallway_audit.lattice.floats import FloatFormat, FloatGrid, exp2i, floor_log2
 from hallway_audit.lattice.scaled import LastDimBlocks, ScaledFormat
 
 E8M0_MIN_EXP, E8M0_MAX_EXP = -127, 127
 
 
 class MXFormat(ScaledFormat):
+    grid: FloatGrid
     """OCP MX: `element` floats sharing one power-of-two (E8M0) scale per `block`."""
 
     scale_kind = "E8M0"
@@ -51,6 +52,8 @@ class MXFormat(ScaledFormat):
 
 
 class NVFP4Format(ScaledFormat):
+    grid: FloatGrid
+    scale_grid: FloatGrid
     """NVIDIA NVFP4: e2m1 elements, e4m3 scale per 16 (last dim) times an fp32 tensor scale."""
 
     name, bits, scale_kind = "nvfp4", 4, "e4m3 x fp32"

@@ -54,9 +54,9 @@ class LevelGrid(Grid):
         """The tables on y's device, copied there once (no host->device copy per call)."""
         t = self._per_device.get(y.device)
         if t is None:
-            t = tuple(v.to(y.device) for v in (self._levels, self._thresholds, self._gaps))
-            self._per_device[y.device] = t  # type: ignore[assignment]
-        return t  # type: ignore[return-value]
+            t = (self._levels.to(y.device), self._thresholds.to(y.device), self._gaps.to(y.device))
+            self._per_device[y.device] = t
+        return t
 
     def _bracket(self, y: Tensor, levels: Tensor) -> Tensor:
         """i with levels[i] <= y < levels[i+1], clamped to the end brackets."""

@@ -6,9 +6,12 @@ code base enumerates formats.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from hallway_audit.errors import UnknownNameError
 from hallway_audit.lattice.base import Format
 
+F = TypeVar("F", bound=Format)  # register() returns what it was given, subtype kept
 _REGISTRY: dict[str, Format] = {}  # insertion order is list_formats() order
 _ALIASES: dict[str, str] = {}  # lower-case alias -> canonical name
 
@@ -17,7 +20,7 @@ def _key(name: str) -> str:
     return str(name).strip().lower().replace("-", "_")
 
 
-def register(fmt: Format, *aliases: str) -> Format:
+def register(fmt: F, *aliases: str) -> F:
     """Add `fmt` (and lower-case aliases for it) to the registry; returns fmt."""
     key = _key(fmt.name)
     if key in _REGISTRY or key in _ALIASES:

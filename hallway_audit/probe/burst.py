@@ -24,13 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from ..lattice import Format, get_format
-from ..model.data import MicroBatches, batch_size, take
+from ..model.data import MicroBatches, batch_size, take, token_count
 from .crossing import ActivationCells, activation_changes, cell_changes, crossing_counts
 from .engine import Batch, LossEvaluator, LossFn
 from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_values
 from .pt import Direction, StateGradients, measure_pt, split_gradient
 from .realize import Realization
 from .result import LayerDynamics, SettingResult, StepRecord
+from .shares import SharesVerdict
 from .settings import Setting
 from .targets import ParamInfo
 
@@ -50,15 +51,6 @@ class BurstOptions:
     per_layer_p: bool = False
     early_stop: bool = True
     eval_batch: int = 16  # the fixed evaluation batch: realized losses, p_t moves, activation cells
-
-
-def token_count(batch: Batch) -> int:
-    """Tokens a gradient rests on (examples, for batches without token ids)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    if "input_ids" in batch:
-        return int(batch["input_ids"].numel())
-    return batch_size(batch)
 
 
 def _adam_preconditioner(opt: torch.optim.Optimizer, keys: list[str], params: list[Tensor]) -> Callable[[Direction], Direction]:
@@ -174,8 +166,8 @@ def _record_crossings(
         layers[layer].beta.append(ch / n)
         layers[layer].beta_proposed.append(mv / n)
         layer_norms[layer].append(n2)  # weight and bias together: the layer's step
-    changed, moved, count, sq = (sum(c[i] for c in per_layer.values()) for i in range(4))
-    return (changed / count if count else None), (moved / count if count else None), sq**0.5
+    total_changed, total_moved, count, sq = (sum(c[i] for c in per_layer.values()) for i in range(4))
+    return (total_changed / count if count else None), (total_moved / count if count else None), sq**0.5
 
 
 def _record_adapter_crossings(
@@ -207,7 +199,10 @@ def run_burst(
     val: Batch | None,
     options: BurstOptions,
     progress: BurstProgress | None = None,
+    verdict: SharesVerdict | None = None,
 ) -> SettingResult:
+    """One setting's burst; `verdict` carries what an earlier setting learned about the loss
+    (that it couples examples, so per-example shares are not worth recording)."""
     start = time.perf_counter()
     device = next(iter(base.values())).device
     cpu_gen = torch.Generator().manual_seed(options.seed)
@@ -246,7 +241,7 @@ def run_burst(
 
         # psi_star / r_star from the gradient of the whole training split: a
         # micro-batch gradient has rank <= its token count and would flatter low ranks.
-        g_full, shares = split_gradient(0, real, evaluator, module, train, now, micro.n)
+        g_full, shares, no_shares = split_gradient(0, real, evaluator, module, train, now, micro.n, verdict)
         psi_rank = _rank_capture(params, g_full, real, layers, options.psi_target)
         if progress:
             progress(setting.id, "burst", 1, total_work)
@@ -255,7 +250,7 @@ def run_burst(
         snapshots: dict[int, dict[str, Tensor]] = {0: real.snapshot()} if 0 in p_states else {}
         # p_t at the first state reuses its losses and split gradient (the surrogate
         # only reads the trainable parameters' part of it)
-        first = StateGradients(initial_loss, initial_val, {k: g_full[k] for k in real.trainable}, shares) if 0 in p_states else None
+        first = StateGradients(initial_loss, initial_val, {k: g_full[k] for k in real.trainable}, shares, no_shares) if 0 in p_states else None
         del g_full, shares
         steps: list[StepRecord] = []
         layer_norms: dict[str, list[float]] = {layer: [] for layer in layers}
@@ -338,6 +333,7 @@ def run_burst(
                     per_layer_radius=layer_radius if options.per_layer_p else None,
                     module=module,
                     known=first if t == 0 else None,
+                    verdict=verdict,
                 )
             )
             first = None

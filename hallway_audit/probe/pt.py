@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..model.data import MicroBatches, take
 from .engine import Batch, LossEvaluator
 from .realize import Realization
-from .shares import ExampleShares
+from .shares import COUPLED, FOLDED, ExampleShares, SharesVerdict
 from .stats import excludes_half, wilson_interval
 
 Direction = dict[str, Tensor]
@@ -77,6 +77,7 @@ class PtAtState:
     realized_layer: dict[str, Rate] = field(default_factory=dict)  # per layer, with --per-layer-p
     psi_val: float | None = None
     g_b: str = "direct"  # "example shares" when g_b came from per-example shares
+    g_b_reason: str | None = None  # why g_b took the direct path (None with shares)
 
 
 @dataclass
@@ -89,20 +90,31 @@ class StateGradients:
     base_val: float | None
     g_full: dict[str, Tensor]
     shares: ExampleShares | None
+    no_shares: str | None = None  # why there are none (the direct path's reason)
 
 
 def split_gradient(
     step: int, real: Realization, evaluator: LossEvaluator, module: nn.Module | None, train: Batch,
-    now: dict[str, Tensor], examples: int,
-) -> tuple[dict[str, Tensor], ExampleShares | None]:
-    """The gradient of the whole training split and, where supported, its per-example shares."""
+    now: dict[str, Tensor], examples: int, verdict: SharesVerdict | None = None,
+) -> tuple[dict[str, Tensor], ExampleShares | None, str | None]:
+    """The gradient of the whole training split and, where supported, its per-example
+    shares; else the reason there are none. No shares are recorded once `verdict` knows
+    the loss couples examples."""
     what = f"at step {step}"
-    if module is None or not ExampleShares.supported(module, real):
-        return evaluator.loss_and_grad(now, train, what)[1], None
+    reason: str | None = None
+    if module is None:
+        reason = "per-example shares were not requested"
+    elif not ExampleShares.supported(module, real):
+        reason = ExampleShares.unsupported_reason(module, real) or "per-example shares are not supported here"
+    elif verdict is not None and verdict.reason is not None:
+        reason = verdict.reason
+    if reason is not None:
+        return evaluator.loss_and_grad(now, train, what)[1], None, reason
+    assert module is not None
     shares = ExampleShares(module, real, examples)
     with shares.recording():
         _, g_full = evaluator.loss_and_grad(now, train, what)
-    return g_full, shares if shares.usable else None
+    return (g_full, shares, None) if shares.usable else (g_full, None, FOLDED)
 
 
 def dict_norm(d: Direction) -> float:
@@ -153,13 +165,15 @@ def measure_pt(
     per_layer_radius: dict[str, float] | None = None,
     module: nn.Module | None = None,
     known: StateGradients | None = None,
+    verdict: SharesVerdict | None = None,
 ) -> PtAtState:
     """All p_t figures at the current state of `real` (its phi is left unchanged).
 
     Moves are judged on the fixed `evaluation` batch (and `val`); the surrogate uses
     the gradient of the whole training split `train` (micro-batches are drawn from
     it). `known` passes what the caller already computed at this state; `module`
-    (the model evaluator runs) enables per-example shares for LoRA.
+    (the model evaluator runs) enables per-example shares for LoRA; `verdict`
+    remembers, across states and settings, a loss found to couple examples.
     """
     out = PtAtState(step=step, radius=radius, val=Rate() if val is not None else None)
     stored = real.stored()
@@ -167,9 +181,10 @@ def measure_pt(
     if known is None:
         base = evaluator.loss(now, evaluation, f"at step {step}")
         base_val = evaluator.loss(now, val, f"on the held-out batch at step {step}") if val is not None else None
-        g_full, shares = split_gradient(step, real, evaluator, module, train, now, micro.n)
+        g_full, shares, out.g_b_reason = split_gradient(step, real, evaluator, module, train, now, micro.n, verdict)
     else:
         base, base_val, g_full, shares = known.base, known.base_val, known.g_full, known.shares
+        out.g_b_reason = known.no_shares
     if val is not None:
         _, g_val = evaluator.loss_and_grad(now, val, f"on the held-out batch at step {step}")
         captured = sum(float(v.double().square().sum()) for v in real.project(g_val).values())
@@ -185,7 +200,8 @@ def measure_pt(
         if shares is not None and checked:
             g_phi = shares.micro_batch(index)
         else:
-            _, g_b = evaluator.loss_and_grad(now, take(train, index), f"at step {step}")
+            # only the trained weights' gradient: frozen ones (embeddings) cost a backward for nothing
+            _, g_b = evaluator.loss_and_grad(now, take(train, index), f"at step {step}", wrt=real.trainable)
             g_phi = real.phi_grad(g_b)
             if shares is not None:  # first sample: the shares must agree with it
                 checked = True
@@ -193,6 +209,9 @@ def measure_pt(
                     out.g_b = "example shares"
                 else:
                     shares = None
+                    out.g_b_reason = COUPLED
+                    if verdict is not None:
+                        verdict.coupled = True
         return real.to_weight_space(precondition(g_phi))
 
     layers = sorted({layer_of[k] for k in real.trainable})
@@ -207,7 +226,7 @@ def measure_pt(
                 val_rate.add(False)
             return True
         rate.add(evaluator.loss(moved, evaluation, f"for a p_t move at step {step}") < base)
-        if val_rate is not None:
+        if val_rate is not None and val is not None and base_val is not None:
             val_rate.add(evaluator.loss(moved, val, f"for a p_t move at step {step}") < base_val)
         return False
 

@@ -7,6 +7,7 @@ p_t pools the samples of every measured state, with its Wilson interval.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from .pt import PtAtState, Rate
 from .settings import Setting
 
 
-def _mean(xs: list[float | None]) -> float | None:
+def _mean(xs: Sequence[float | None]) -> float | None:
     vals = [x for x in xs if x is not None and not math.isnan(x)]
     return sum(vals) / len(vals) if vals else None
 

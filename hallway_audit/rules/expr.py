@@ -20,7 +20,7 @@ import operator
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 MAX_EXPR_CHARS = 1000
 MAX_NODES = 256
@@ -119,15 +119,15 @@ _BINOPS: dict[type, tuple[str, Callable[[int | float, int | float], int | float]
     ast.Pow: ("**", _pow),
 }
 
-_CMPOPS: dict[type, tuple[str, Callable[[object, object], bool]]] = {
+_CMPOPS: dict[type, tuple[str, Callable[[Any, Any], bool]]] = {
     ast.Eq: ("==", operator.eq),
     ast.NotEq: ("!=", operator.ne),
     ast.Lt: ("<", operator.lt),
     ast.LtE: ("<=", operator.le),
     ast.Gt: (">", operator.gt),
     ast.GtE: (">=", operator.ge),
-    ast.In: ("in", lambda a, b: a in b),  # type: ignore[operator]
-    ast.NotIn: ("not in", lambda a, b: a not in b),  # type: ignore[operator]
+    ast.In: ("in", lambda a, b: a in b),
+    ast.NotIn: ("not in", lambda a, b: a not in b),
 }
 _ORDERING = (ast.Lt, ast.LtE, ast.Gt, ast.GtE)
 
@@ -282,8 +282,8 @@ class _StructureChecker:
             else:
                 self.names.append(node)
         elif isinstance(node, ast.BoolOp):
-            for v in node.values:
-                self.visit(v)
+            for operand in node.values:
+                self.visit(operand)
         elif isinstance(node, ast.UnaryOp):
             if type(node.op) in _OP_NAMES:
                 self.bad(f"operator {_OP_NAMES[type(node.op)]!r}", node)
@@ -398,8 +398,8 @@ class _TypeChecker:
             self.need_num(self.visit(node.right), node)
             return "num"
         if isinstance(node, ast.BoolOp):
-            for v in node.values:
-                self.visit(v)
+            for operand in node.values:
+                self.visit(operand)
             return "bool"
         if isinstance(node, ast.Compare):
             left = self.visit(node.left)
