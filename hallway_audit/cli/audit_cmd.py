@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 
 import click
@@ -11,17 +9,15 @@ import click
 from ..audit import DEFAULT_FORMATS, DEFAULT_LR, FAIL_ON, DynamicPlan, audit
 from ..errors import UsageError
 from ..probe import BurstOptions, SweepSpec, apply_peft_config, from_mapping, load_plan
-from ..report import RenderOptions, formatter_names, get_formatter, write_atomic
+from ..report.document import as_document
+from ..report.inputs import run_inputs
 from .app import cli
+from .outputs import emit, output_options, prepare_outputs
 from .progress import burst_reporter, progress_reporter
 
 
 def _split_list(values: tuple[str, ...]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
-
-
-def _wants_color(stream) -> bool:
-    return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
 # Options that shape the sweep, as plan keys: a flag given on the command line
@@ -52,10 +48,7 @@ def _float_list(values: tuple[str, ...], flag: str) -> list[float]:
 @click.option("--lr", "lr", multiple=True, metavar="LRS",
               help=f"Learning rates, comma-separated; the static audit uses the first. [default: {DEFAULT_LR:g}]")
 @click.option("--spectral", is_flag=True, help="Also compute stable and effective rank of each weight matrix (slower).")
-@click.option("--format", "output_format", type=click.Choice(formatter_names()), default="table", show_default=True,
-              help="Report format; machine formats keep stdout to the document alone.")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=False), metavar="FILE",
-              help="Write the report to FILE (atomically) instead of stdout.")
+@output_options
 @click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
               help="Lowest severity that fails the gate (exit 1).")
 @click.option("--max-rows", type=click.IntRange(min=0), default=40, show_default=True,
@@ -90,7 +83,7 @@ def _float_list(values: tuple[str, ...], flag: str) -> list[float]:
 @click.option("--plan", "plan_file", metavar="FILE", help="Plan YAML with the keys above (flags given on the command line win).")
 @click.option("--peft-config", metavar="FILE", help="PEFT adapter_config.json: r, target_modules, lora_alpha, use_rslora, rank_pattern.")
 @click.pass_context
-def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr, spectral, output_format, output,
+def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr, spectral,
                   fail_on, max_rows, device, quiet, calib, val, model_spec, loss_spec, rank, targets, alpha, rslora,
                   sparsity, act_precision, rounding, master_weights, optimizer, steps, samples, p_every, sigma,
                   micro_batch, eval_batch, seed, per_layer_p, no_early_stop, max_length, plan_file, peft_config):
@@ -142,6 +135,10 @@ def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr
     if isinstance(plan_rules, str):
         plan_rules = [plan_rules]
     rule_files = [] if no_rules else (list(rules) or list(plan_rules or []) or ["default.yaml"])
+    outputs = prepare_outputs(ctx, run_inputs(  # before any expensive work: a bad output fails now
+        checkpoint, rules=rule_files, plan=plan_file, peft_config=peft_config,
+        calib=dynamic.calib if dynamic else None, val=dynamic.val if dynamic else None,
+        model=dynamic.model if dynamic else None, loss=dynamic.loss if dynamic else None))
     show = not quiet and sys.stderr.isatty()
     with progress_reporter(enabled=show) as progress, burst_reporter(enabled=show) as burst_progress:
         result = audit(
@@ -156,18 +153,5 @@ def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr
             dynamic=dynamic,
             burst_progress=burst_progress,
         )
-    formatter = get_formatter(output_format)
-    to_terminal = output is None and not formatter.machine
-    options = RenderOptions(
-        color=to_terminal and _wants_color(sys.stdout),
-        width=shutil.get_terminal_size((120, 40)).columns if to_terminal else 120,
-        max_rows=max_rows,
-    )
-    text = formatter.render(result, options)
-    if output is None:
-        click.echo(text, nl=False)
-    else:
-        write_atomic(output, text)
-        status = "passed" if result.gate.passed else "failed"
-        click.echo(f"hallway-audit: wrote {output} (gate {status})", err=True)
+    emit(as_document(result), outputs, max_rows=max_rows)
     return result.gate.exit_code

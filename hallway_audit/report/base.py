@@ -1,10 +1,16 @@
-"""Output formats behind one base: adding one is a class and a registry entry."""
+"""Output formats behind one base: adding one is a class and a registry entry.
+
+Every formatter renders the JSON document (schema.py), never the in-memory
+result: `render(result)` converts first, exactly as a saved report would read
+back, so `hallway-audit render audit.json` prints what the audit printed.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import UnknownNameError
 
@@ -24,8 +30,14 @@ class Formatter(ABC):
     machine: ClassVar[bool]  # machine formats keep stdout to the document alone
     suffix: ClassVar[str]
 
+    def render(self, report: AuditResult | Mapping[str, Any], options: RenderOptions) -> str:
+        """Render an AuditResult or its JSON document (`result.to_dict()`, or a saved report)."""
+        from .document import as_document
+
+        return self.render_document(as_document(report), options)
+
     @abstractmethod
-    def render(self, result: AuditResult, options: RenderOptions) -> str: ...
+    def render_document(self, doc: Mapping[str, Any], options: RenderOptions) -> str: ...
 
 
 FORMATTERS: dict[str, type[Formatter]] = {}

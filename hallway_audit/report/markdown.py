@@ -1,9 +1,17 @@
-"""Markdown for PR comments and CI step summaries (GitHub-flavoured tables)."""
+"""Markdown for PR comments and CI step summaries (GitHub-flavoured tables).
+
+Rendered from the JSON document. Strings from a checkpoint, plan or rule file go
+through escape.md_code (names: code spans) or escape.md_text (messages), so none
+can end a line, a table cell, or open a header, link or HTML tag.
+"""
 
 from __future__ import annotations
 
 from .base import Formatter, RenderOptions, register_formatter
+from .escape import md_code, md_text
 from .rows import (
+    Doc,
+    focus_setting,
     human_bytes,
     human_count,
     interval,
@@ -14,71 +22,89 @@ from .rows import (
     ranked_layers,
     setting_severity,
     severity_counts,
+    signed,
     skipped_rules,
+    sqnr,
     verdict_label,
 )
 
 _ICON = {"error": "❌", "warning": "⚠️", "info": "ℹ️", "ok": "✅"}
 
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Cells are already escaped (md_code / md_text / our own numbers)."""
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
     return out
 
 
-def _dynamic_sections(result, options: RenderOptions) -> list[str]:
-    dyn, rec = result.dynamic, result.recommendation
-    if dyn is None or not dyn.settings:
+def _more(hidden: int, what: str) -> list[str]:
+    return ["", f"_+{hidden} more {what} (--max-rows 0 shows all; the JSON report lists every one)._"] if hidden else []
+
+
+def _dynamic_sections(doc: Doc, options: RenderOptions) -> list[str]:
+    dyn, rec = doc["dynamic"], doc["recommendation"]
+    if dyn is None or not doc["settings"]:
         return []
-    severity = setting_severity(result)
+    severity = setting_severity(doc)
     lines = [
         "",
         "### Probe bursts",
         "",
-        f"{dyn.model_source}; loss `{dyn.loss_name}`; {dyn.train_examples} train / {dyn.val_examples} held-out examples "
-        f"({dyn.tokens} tokens); {dyn.options.steps} steps per setting, seed {dyn.options.seed}.",
+        f"{md_text(dyn['model'])}; loss {md_code(dyn['loss'], in_table=False)}; {dyn['train_examples']} train / "
+        f"{dyn['val_examples']} held-out examples ({dyn['tokens']} tokens); {dyn['steps']} steps per setting, seed {dyn['seed']}.",
         "",
     ]
     rows = []
-    for r in dyn.settings:
-        m = r.model_metrics()
-        star = " ⭐" if rec is not None and rec.setting == r.id else ""
+    for r in doc["settings"]:
+        m = r["model"]
+        star = " ⭐" if rec is not None and rec["setting"] == r["id"] else ""
+        sev = severity.get(r["id"], "ok")
         rows.append([
-            f"`{r.id}`{star}", num(m["psi"], ".2f"), num(m["psi_rank"], ".2f"), interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]),
+            f"{md_code(r['id'])}{star}", num(m["psi"], ".2f"), num(m["psi_rank"], ".2f"), interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]),
             num(m["p_t_uniform"], ".2f"), pct(m["blocked"], 0), pct(m["beta"]), pct(m["beta_eff"], 0),
-            f"{m['loss_delta']:+.3g}", f"{_ICON[severity.get(r.id, 'ok')]} {severity.get(r.id, 'ok')}",
+            signed(m["loss_delta"]), f"{_ICON[sev]} {sev}",
         ])
     lines += _table(["setting", "psi", "psi_rank", "p_t [95% CI]", "p_t uniform", "blocked", "beta", "beta_eff", "Δloss", "verdict"], rows)
     if rec is not None:
         lines += ["", "### Recommendation", ""]
-        if rec.setting:
-            lines.append(f"**`{rec.setting}`**: {rec.reason}.")
+        if rec["setting"]:
+            lines.append(f"**{md_code(rec['setting'], in_table=False)}**: {md_text(rec['reason'])}.")
         else:
-            lines.append(f"**None**: {rec.reason}.")
+            lines.append(f"**None**: {md_text(rec['reason'])}.")
         snippet = peft_snippet(rec)
         if snippet:
-            lines += ["", "Per-layer ranks (PEFT):", "", "```python", snippet, "```"]
-        if rec.keep_finer:
-            lines += ["", "Keep in a finer format: " + ", ".join(f"`{m}`" for m in rec.keep_finer)]
-        focus = rec.focus
-        verdicts = layer_verdicts(result, focus)
+            # A fenced block shows the snippet verbatim; it is one line (names are JSON-quoted), and a
+            # fence longer than any backtick run in it cannot be closed early.
+            fence = "`" * max(3, _longest_run(snippet, "`") + 1)
+            lines += ["", "Per-layer ranks (PEFT):", "", f"{fence}python", snippet, fence]
+        if rec["keep_finer"]:
+            lines += ["", "Keep in a finer format: " + ", ".join(md_code(m, in_table=False) for m in rec["keep_finer"])]
+        focus = focus_setting(doc)
+        verdicts = layer_verdicts(doc, focus["id"]) if focus is not None else {}
         flagged = [(name, v) for name, v in verdicts.items() if v[0] != "ok"]
-        if flagged:
-            r = next(s for s in dyn.settings if s.id == focus)
-            metrics = r.layer_metrics()
+        if flagged and focus is not None:
+            metrics = {layer["name"]: layer for layer in focus["layers"]}
             shown = flagged if options.max_rows <= 0 else flagged[: options.max_rows]
-            lines += ["", f"Layers of `{focus}` with findings:", ""]
-            lines += _table(
-                ["layer", "psi", "psi_rank", "r_star", "beta", "verdict"],
-                [[f"`{n}`", num(metrics[n]["psi"], ".2f"), num(metrics[n]["psi_rank"], ".2f"), str(metrics[n]["r_star"]),
-                  pct(metrics[n]["beta"]), f"{_ICON[sev]} {', '.join(verdict_label(x) for x in vs)}"] for n, (sev, vs) in shown],
-            )
+            lines += ["", f"Layers of {md_code(focus['id'], in_table=False)} with findings:", ""]
+            body = []
+            for n, (sev, vs) in shown:
+                m = metrics.get(n, {})
+                body.append([
+                    md_code(n), num(m.get("psi"), ".2f"), num(m.get("psi_rank"), ".2f"), "-" if m.get("r_star") is None else str(m["r_star"]),
+                    pct(m.get("beta")), f"{_ICON[sev]} {md_text(', '.join(verdict_label(x) for x in vs))}",
+                ])
+            lines += _table(["layer", "psi", "psi_rank", "r_star", "beta", "verdict"], body)
+            lines += _more(len(flagged) - len(shown), "layers")
     return lines
+
+
+def _longest_run(text: str, ch: str) -> int:
+    longest = run = 0
+    for c in text:
+        run = run + 1 if c == ch else 0
+        longest = max(longest, run)
+    return longest
 
 
 @register_formatter
@@ -87,53 +113,55 @@ class MarkdownFormatter(Formatter):
     machine = True
     suffix = ".md"
 
-    def render(self, result, options: RenderOptions) -> str:
-        ck, st, gate = result.checkpoint, result.static, result.gate
-        counts = severity_counts(result)
-        status = "passed ✅" if gate.passed else "failed ❌"
+    def render_document(self, doc: Doc, options: RenderOptions) -> str:
+        ck, st, gate = doc["checkpoint"], doc["static"], doc["gate"]
+        counts = severity_counts(doc)
+        status = "passed ✅" if gate["passed"] else "failed ❌"
         lines = [
             f"## hallway-audit: gate {status}",
             "",
-            f"`{ck.path}` ({ck.kind}): {human_count(ck.params)} params in {ck.tensors} tensors, {human_bytes(ck.bytes)}. "
-            f"Formats {', '.join(f'`{f}`' for f in st.formats)} at lr {st.lr:g}; "
-            f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} info (fail-on {gate.fail_on}).",
+            f"{md_code(ck['path'], in_table=False)} ({md_text(ck['format'])}): {human_count(ck['params'])} params in "
+            f"{ck['tensors']} tensors, {human_bytes(ck['bytes'])}. "
+            f"Formats {', '.join(md_code(f, in_table=False) for f in st['formats'])} at lr {st['lr']:g}; "
+            f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} info (fail-on {md_text(gate['fail_on'])}).",
             "",
             "### Whole model",
             "",
         ]
         model_rows = []
-        for fmt in st.formats:
-            s = st.model.formats[fmt].summary()
+        for fmt in st["formats"]:
+            s = st["model"]["formats"][fmt]
             model_rows.append(
-                [f"`{fmt}`", num(s["rel_error"]), num(s["sqnr_db"], ".1f"), pct(s["saturated"], 3), pct(s["flushed"], 3), pct(s["beta_pred"])]
+                [md_code(fmt), num(s["rel_error"]), sqnr(s), pct(s["saturated"], 3), pct(s["flushed"], 3), pct(s["beta_pred"])]
             )
         lines += _table(["format", "rel err", "SQNR dB", "saturated", "flushed", "beta_pred"], model_rows)
-        lines += _dynamic_sections(result, options)
-        found = result.findings
+        lines += _dynamic_sections(doc, options)
+        found = doc["findings"]
         if found:
             shown = found if options.max_rows <= 0 else found[: options.max_rows]
             lines += ["", "### Findings", ""]
             lines += _table(
                 ["", "rule", "layer", "setting", "message"],
-                [[_ICON[o.rule.severity], f"`{o.rule.id}`", o.subject.layer or "(model)", o.subject.setting or "", o.message] for o in shown],
+                [[_ICON[f["severity"]], md_code(f["rule"]), md_text(f["layer"] or "(model)"), md_text(f["setting"] or ""),
+                  md_text(f["message"])] for f in shown],
             )
-            if len(shown) < len(found):
-                lines += ["", f"_{len(found) - len(shown)} more findings in the JSON report._"]
-        rows = ranked_layers(result)
+            lines += _more(len(found) - len(shown), "findings")
+        rows = ranked_layers(doc)
         shown_rows = rows if options.max_rows <= 0 else rows[: options.max_rows]
         lines += ["", "### Layers", ""]
-        header = ["layer", "params"] + [f"beta_pred {f}" for f in st.formats] + ["verdict"]
+        header = ["layer", "params"] + [f"beta_pred {md_text(f)}" for f in st["formats"]] + ["verdict"]
         body = []
         for row in shown_rows:
-            cells = [f"`{row.layer.name}`", human_count(row.layer.tally.params)]
-            cells += [pct(row.layer.format_metrics(f)["beta_pred"]) for f in st.formats]
-            cells.append(f"{_ICON[row.worst]} {', '.join(row.verdicts) or 'ok'}")
+            cells = [md_code(row.layer["name"]), human_count(row.layer["params"])]
+            cells += [pct(row.layer["formats"][f]["beta_pred"]) for f in st["formats"]]
+            cells.append(f"{_ICON[row.worst]} {md_text(', '.join(verdict_label(v) for v in row.verdicts) or 'ok')}")
             body.append(cells)
         lines += _table(header, body)
-        if len(shown_rows) < len(rows):
-            lines += ["", f"_{len(rows) - len(shown_rows)} more layers in the JSON report._"]
-        skipped = skipped_rules(result)
-        notes = list(result.notes) + ([f"skipped rules: {', '.join(f'`{r}`' for r in sorted(skipped))}"] if skipped else [])
+        lines += _more(len(rows) - len(shown_rows), "layers")
+        skipped = skipped_rules(doc)
+        notes = [md_text(n) for n in doc["notes"]]
+        if skipped:
+            notes.append(f"skipped rules: {', '.join(md_code(r, in_table=False) for r in sorted(skipped))}")
         if notes:
             lines += [""] + [f"> {n}" for n in notes]
         return "\n".join(lines) + "\n"

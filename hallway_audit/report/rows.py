@@ -1,67 +1,81 @@
-"""What human formats share: layers ranked by their worst finding, numbers formatted once."""
+"""What human formats share, read from the JSON document (schema.py): layers ranked
+by their worst finding, findings grouped, numbers formatted once.
+
+Every formatter renders the document, never the in-memory result, so a saved
+report re-renders (`hallway-audit render`) exactly as it printed.
+"""
 
 from __future__ import annotations
 
-import math
+import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
-from ..rules import SEVERITIES, severity_rank
+from ..rules import SEVERITIES
 
-if TYPE_CHECKING:
-    from ..audit import AuditResult
+Doc = Mapping[str, Any]
 
 SEVERITY_ORDER = SEVERITIES  # most severe first
 SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}
+_RANK = {s: i for i, s in enumerate((*SEVERITY_ORDER, "ok"))}
+
+
+def severity_rank(severity: str) -> int:
+    """0 for error, 1 warning, 2 info, 3 ok: lower is more severe."""
+    return _RANK[severity]
 
 
 def worse(current: str, severity: str) -> str:
     """The more severe of a running verdict ('ok' or a severity) and a finding's severity."""
-    if current == "ok" or severity_rank(severity) < severity_rank(current):
-        return severity
-    return current
+    return severity if severity_rank(severity) < severity_rank(current) else current
+
+
+def rule_phases(doc: Doc) -> dict[str, str]:
+    """rule id -> 'static' | 'dynamic', from the rule summary."""
+    return {r["id"]: r["phase"] for r in doc["rules"]["summary"]}
 
 
 @dataclass
 class LayerRow:
     index: int  # position in the checkpoint, the tie-break
-    layer: object  # static LayerResult
+    layer: Mapping[str, Any]  # static.layers[i] of the document
     worst: str = "ok"
     verdicts: list[str] = field(default_factory=list)
 
 
-def ranked_layers(result: AuditResult) -> list[LayerRow]:
-    rows = {layer.name: LayerRow(i, layer) for i, layer in enumerate(result.static.layers)}
-    for o in result.findings:
-        row = rows.get(o.subject.layer or "")
-        if row is None or o.rule.phase != "static":
+def ranked_layers(doc: Doc) -> list[LayerRow]:
+    rows = {layer["name"]: LayerRow(i, layer) for i, layer in enumerate(doc["static"]["layers"])}
+    phases = rule_phases(doc)
+    for f in doc["findings"]:
+        row = rows.get(f["layer"] or "")
+        if row is None or phases.get(f["rule"]) != "static":
             continue
-        row.worst = worse(row.worst, o.rule.severity)
-        if o.rule.verdict not in row.verdicts:
-            row.verdicts.append(o.rule.verdict)
-    rank = {s: i for i, s in enumerate((*SEVERITY_ORDER, "ok"))}
-    return sorted(rows.values(), key=lambda r: (rank[r.worst], r.index))
+        row.worst = worse(row.worst, f["severity"])
+        if f["verdict"] not in row.verdicts:
+            row.verdicts.append(f["verdict"])
+    return sorted(rows.values(), key=lambda r: (severity_rank(r.worst), r.index))
 
 
 @dataclass
 class FindingGroup:
     """Findings of one rule in one setting: shown as one line with the layers it names."""
 
-    first: object  # the first Outcome, whose message is shown
+    first: Mapping[str, Any]  # the first finding, whose message is shown
+    phase: str
+    count: int = 0
     layers: list[str] = field(default_factory=list)
 
-    @property
-    def count(self) -> int:
-        return max(1, len(self.layers))
 
-
-def grouped_findings(result: AuditResult) -> list[FindingGroup]:
+def grouped_findings(doc: Doc) -> list[FindingGroup]:
     groups: dict[tuple, FindingGroup] = {}
-    for o in result.findings:
-        key = (o.rule.id, o.subject.setting, o.subject.scope)
-        group = groups.setdefault(key, FindingGroup(o))
-        if o.subject.layer:
-            group.layers.append(o.subject.layer)
+    phases = rule_phases(doc)
+    for f in doc["findings"]:
+        key = (f["rule"], f["setting"], f["scope"])
+        group = groups.setdefault(key, FindingGroup(f, phases.get(f["rule"], "static")))
+        group.count += 1
+        if f["layer"]:
+            group.layers.append(f["layer"])
     return list(groups.values())
 
 
@@ -72,32 +86,95 @@ def verdict_label(verdict: str) -> str:
 
 def rule_file_label(path: str) -> str:
     """Bundled files by name, as the user asked for them; other files by path."""
-    from pathlib import Path
+    from pathlib import PurePath
 
     from ..rules import bundled_rule_files
 
-    p = Path(path)
-    if p.name in bundled_rule_files() and p.parent.name in ("rules", "bundled_rules"):
+    p = PurePath(path)
+    if p.name in bundled_rule_files() and p.parent.name in ("rules", "bundled_rules", "<bundled>"):
         return f"{p.name} (bundled)"
     return path
 
 
-def severity_counts(result: AuditResult) -> dict[str, int]:
+def severity_counts(doc: Doc) -> dict[str, int]:
     counts = dict.fromkeys(SEVERITY_ORDER, 0)
-    for o in result.findings:
-        counts[o.rule.severity] += 1
+    for f in doc["findings"]:
+        counts[f["severity"]] += 1
     return counts
 
 
-def skipped_rules(result: AuditResult) -> dict[str, str]:
+def skipped_rules(doc: Doc) -> dict[str, str]:
     """Rules that were skipped on every subject they had: id -> reason."""
-    status: dict[str, set[str]] = {}
-    reason: dict[str, str] = {}
-    for o in result.outcomes:
-        status.setdefault(o.rule.id, set()).add(o.status)
-        if o.status == "skipped":
-            reason.setdefault(o.rule.id, o.message)
-    return {rid: reason[rid] for rid, st in status.items() if st == {"skipped"}}
+    return {
+        r["id"]: r["skip_reason"] or ""
+        for r in doc["rules"]["summary"]
+        if r["skipped"] and not r["fired"] and not r["passed"]
+    }
+
+
+def setting_severity(doc: Doc) -> dict[str, str]:
+    """Worst fired severity per probed setting id ('ok' when nothing fired)."""
+    worst = {s["id"]: "ok" for s in doc["settings"]}
+    for f in doc["findings"]:
+        sid = f["setting"]
+        if sid in worst:
+            worst[sid] = worse(worst[sid], f["severity"])
+    return worst
+
+
+def layer_verdicts(doc: Doc, setting: str) -> dict[str, tuple[str, list[str]]]:
+    """layer -> (worst severity, verdicts) for one probed setting."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for f in doc["findings"]:
+        if f["setting"] != setting or f["layer"] is None:
+            continue
+        sev, verdicts = out.get(f["layer"], ("ok", []))
+        sev = worse(sev, f["severity"])
+        if f["verdict"] not in verdicts:
+            verdicts = [*verdicts, f["verdict"]]
+        out[f["layer"]] = (sev, verdicts)
+    return out
+
+
+def gates(doc: Doc, outcome: Mapping[str, Any], severity: str) -> bool:
+    """Does this outcome fail the gate? The same answer as audit.Gate.gates: a failed
+    gate waives nothing, and when the gate passed no outcome gates."""
+    gate = doc["gate"]
+    return (
+        not gate["passed"]
+        and outcome["status"] == "fired"
+        and gate["fail_on"] in SEVERITY_ORDER
+        and severity_rank(severity) <= severity_rank(gate["fail_on"])
+    )
+
+
+def focus_setting(doc: Doc) -> Mapping[str, Any] | None:
+    """The setting whose layers the report details: the recommendation's focus, else the first."""
+    settings = doc["settings"]
+    if not settings:
+        return None
+    rec = doc.get("recommendation")
+    focus = rec.get("focus") if rec else None
+    return next((s for s in settings if s["id"] == focus), settings[0])
+
+
+def ordered_hist(hist: Mapping[str, float | None] | None) -> list[float | None]:
+    """ulp_hist fractions in bin order (JSON keys are sorted alphabetically)."""
+    if not hist:
+        return []
+    from ..probe.crossing import HIST_LABELS
+
+    known = [hist[label] for label in HIST_LABELS if label in hist]
+    return known + [v for k, v in hist.items() if k not in HIST_LABELS]
+
+
+def format_bits(name: str) -> str:
+    from ..lattice import get_format
+
+    try:
+        return str(get_format(name).bits)
+    except Exception:  # a format this version does not know (a report from another version)
+        return "?"
 
 
 def pct(x: float | None, digits: int = 1) -> str:
@@ -111,9 +188,18 @@ def pct(x: float | None, digits: int = 1) -> str:
 def num(x: float | None, spec: str = ".3g") -> str:
     if x is None:
         return "-"
-    if isinstance(x, float) and math.isinf(x):
-        return "exact" if x > 0 else "-inf"
     return format(x, spec)
+
+
+def sqnr(summary: Mapping[str, Any]) -> str:
+    """SQNR in dB; JSON holds null for an exact format (rel_error 0), shown as 'exact'."""
+    if summary.get("sqnr_db") is None:
+        return "exact" if summary.get("rel_error") == 0 else "-"
+    return format(summary["sqnr_db"], ".1f")
+
+
+def signed(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.3g}"
 
 
 def human_count(n: int) -> str:
@@ -139,46 +225,23 @@ def sparkline(fractions: list[float | None]) -> str:
     top = max(vals, default=0.0)
     if top <= 0:
         return ""
-    return "".join(_SPARK[max(1, min(8, int(round(8 * v / top))))] if v > 0 else "·" for v in vals)
+    return "".join(_SPARK[max(1, min(8, round(8 * v / top)))] if v > 0 else "·" for v in vals)
 
 
 def interval(p: float | None, lo: float | None, hi: float | None) -> str:
     if p is None:
         return "-"
+    if lo is None or hi is None:
+        return f"{p:.2f}"
     return f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def setting_severity(result: AuditResult) -> dict[str, str]:
-    """Worst fired severity per dynamic setting id ('ok' when nothing fired)."""
-    worst: dict[str, str] = {}
-    if result.dynamic is None:
-        return worst
-    for r in result.dynamic.settings:
-        worst[r.id] = "ok"
-    for o in result.findings:
-        sid = o.subject.setting
-        if sid in worst:
-            worst[sid] = worse(worst[sid], o.rule.severity)
-    return worst
+def peft_snippet(rec: Mapping[str, Any], quote: Callable[[str], str] = json.dumps) -> str | None:
+    """The rank recommendation as a line to paste into a PEFT LoraConfig.
 
-
-def layer_verdicts(result: AuditResult, setting: str) -> dict[str, tuple[str, list[str]]]:
-    """layer -> (worst severity, verdicts) for one dynamic setting."""
-    out: dict[str, tuple[str, list[str]]] = {}
-    for o in result.findings:
-        if o.subject.setting != setting or o.subject.layer is None:
-            continue
-        sev, verdicts = out.get(o.subject.layer, ("ok", []))
-        sev = worse(sev, o.rule.severity)
-        if o.rule.verdict not in verdicts:
-            verdicts = [*verdicts, o.rule.verdict]
-        out[o.subject.layer] = (sev, verdicts)
-    return out
-
-
-def peft_snippet(rec) -> str | None:
-    """The rank recommendation as a line to paste into a PEFT LoraConfig."""
-    if not rec.rank_pattern:
+    Module names are written as JSON strings, which are Python string literals too,
+    so a name holding quotes or control characters still pastes as the same string."""
+    if not rec.get("rank_pattern"):
         return None
-    pattern = ", ".join(f'"{k}": {v}' for k, v in rec.rank_pattern.items())
-    return f"LoraConfig(r={rec.base_rank}, rank_pattern={{{pattern}}})"
+    pattern = ", ".join(f"{quote(k)}: {v}" for k, v in rec["rank_pattern"].items())
+    return f"LoraConfig(r={rec['base_rank']}, rank_pattern={{{pattern}}})"

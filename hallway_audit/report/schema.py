@@ -15,7 +15,7 @@ from .. import __version__
 if TYPE_CHECKING:
     from ..audit import AuditResult
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 
 
 def clean(value: Any) -> Any:
@@ -51,6 +51,17 @@ def finding_dict(outcome) -> dict[str, Any]:
         "scope": outcome.subject.scope,
         "layer": outcome.subject.layer,
         "setting": outcome.subject.setting,
+        "message": outcome.message,
+    }
+
+
+def outcome_dict(outcome) -> dict[str, Any]:
+    return {
+        "rule": outcome.rule.id,
+        "scope": outcome.subject.scope,
+        "layer": outcome.subject.layer,
+        "setting": outcome.subject.setting,
+        "status": outcome.status,
         "message": outcome.message,
     }
 
@@ -121,6 +132,7 @@ def _pt_state(state) -> dict[str, Any]:
         **_rate("p_t_val", state.val),
         "psi_val": state.psi_val,
         "g_b": state.g_b,
+        "g_b_reason": state.g_b_reason,
     }
 
 
@@ -165,6 +177,7 @@ def result_to_dict(result: AuditResult) -> dict[str, Any]:
         },
         "rules": {"files": list(result.ruleset.files), "vars": dict(result.ruleset.vars), "summary": rule_summary(result)},
         "findings": [finding_dict(o) for o in result.findings],
+        "outcomes": [outcome_dict(o) for o in result.outcomes],
         "dynamic": _dynamic_dict(result.dynamic) if result.dynamic is not None else None,
         "settings": [_setting_dict(r) for r in result.dynamic.settings] if result.dynamic is not None else [],
         "recommendation": vars(result.recommendation) if result.recommendation is not None else None,

@@ -1,260 +1,278 @@
-"""The console report for people: summary panel, model table, ranked layers, findings."""
+"""The console report for people: summary panel, model table, ranked layers, findings.
+
+Rendered from the JSON document. Every string that came from a checkpoint, plan or
+rule file goes into a rich Text through `visible` (never parsed as markup, control
+characters shown as escapes), and every table is laid out by layout.fitted_table.
+"""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
+from typing import Any
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
 from .base import Formatter, RenderOptions, register_formatter
+from .escape import visible
+from .layout import Column, abbreviate, fitted_table
 from .rows import (
     SEVERITY_STYLE,
+    Doc,
+    focus_setting,
+    format_bits,
     grouped_findings,
     human_bytes,
     human_count,
     interval,
     layer_verdicts,
     num,
+    ordered_hist,
     pct,
     peft_snippet,
     ranked_layers,
     rule_file_label,
     setting_severity,
     severity_counts,
+    signed,
     skipped_rules,
     sparkline,
+    sqnr,
     verdict_label,
 )
 
 
-def _summary(result) -> Panel:
-    ck, st = result.checkpoint, result.static
-    counts = severity_counts(result)
+def _t(value: object, style: str = "") -> Text:
+    """Untrusted text as a rich Text: no markup, control characters visible."""
+    return Text(visible(value), style=style)
+
+
+def _summary(doc: Doc) -> Panel:
+    ck, st, gate = doc["checkpoint"], doc["static"], doc["gate"]
+    counts = severity_counts(doc)
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
+    grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
-    grid.add_row("checkpoint", f"{ck.path} ({ck.kind})")
-    speed = f", read in {st.seconds:.2g} s" if st.seconds > 0 else ""
-    grid.add_row("size", f"{human_count(ck.params)} params in {ck.tensors} tensors, {human_bytes(ck.bytes)}{speed}")
-    grid.add_row("plan", f"formats {', '.join(st.formats)}; lr {st.lr:g}")
-    if result.dynamic is not None:
-        d = result.dynamic
-        grid.add_row("model", f"{d.model_source}; loss {d.loss_name}; device {d.device}")
-        grid.add_row("data", f"{d.calib}: {d.train_examples} train / {d.val_examples} held-out examples, {d.tokens} tokens")
-        grid.add_row("sweep", f"{len(d.settings)} settings x {d.options.steps} steps, seed {d.options.seed}, {d.seconds:.1f} s")
-    grid.add_row("rules", ", ".join(rule_file_label(f) for f in result.ruleset.files) or "none")
+    grid.add_row("checkpoint", _t(f"{ck['path']} ({ck['format']})"))
+    grid.add_row("size", f"{human_count(ck['params'])} params in {ck['tensors']} tensors, {human_bytes(ck['bytes'])}")
+    grid.add_row("plan", _t(f"formats {', '.join(st['formats'])}; lr {st['lr']:g}"))
+    d = doc["dynamic"]
+    if d is not None:
+        grid.add_row("model", _t(f"{d['model']}; loss {d['loss']}; device {d['device']}"))
+        grid.add_row("data", _t(f"{d['calib']}: {d['train_examples']} train / {d['val_examples']} held-out examples, {d['tokens']} tokens"))
+        grid.add_row("sweep", f"{len(doc['settings'])} settings x {d['steps']} steps, seed {d['seed']}")
+    grid.add_row("rules", _t(", ".join(rule_file_label(f) for f in doc["rules"]["files"]) or "none"))
     found = Text()
     for sev in ("error", "warning", "info"):
         if found:
             found.append(", ")
         found.append(f"{counts[sev]} {sev}{'s' if counts[sev] != 1 else ''}", style=SEVERITY_STYLE[sev] if counts[sev] else "")
     grid.add_row("findings", found)
-    gate = result.gate
-    verdict = Text("PASSED", style="bold green") if gate.passed else Text("FAILED", style="bold red")
-    verdict.append(f"  {gate.reason}; fail-on {gate.fail_on}, exit {gate.exit_code}", style="dim")
+    verdict = Text("PASSED", style="bold green") if gate["passed"] else Text("FAILED", style="bold red")
+    verdict.append(visible(f"  {gate['reason']}; fail-on {gate['fail_on']}, exit {gate['exit_code']}"), style="dim")
     grid.add_row("gate", verdict)
     return Panel(grid, title="hallway-audit", title_align="left", box=box.ROUNDED)
 
 
-def _model_table(result) -> Table:
-    st = result.static
-    from ..lattice import get_format
+def _model_table(doc: Doc, width: int) -> Table:
+    st = doc["static"]
+    cols = [
+        Column("format", justify="left"),
+        Column("bits", drop=1),
+        Column("rel err"),
+        Column("SQNR dB"),
+        Column("saturated"),
+        Column("flushed"),
+        Column("beta_pred"),
+        Column("med\nulp/|w|", drop=2, label="med ulp/|w|"),
+    ]
+    for fmt in st["formats"]:
+        s = st["model"]["formats"][fmt]
+        values = [visible(fmt), format_bits(fmt), num(s["rel_error"]), sqnr(s), pct(s["saturated"], 3),
+                  pct(s["flushed"], 3), pct(s["beta_pred"]), num(s["ulp_rel_median"])]
+        for col, value in zip(cols, values, strict=True):
+            col.cells.append(Text(value))
+    return fitted_table("Whole model, per format", cols, width)
 
-    t = Table(title="Whole model, per format", box=box.SIMPLE_HEAD, title_justify="left")
-    for col in ("format", "bits", "rel err", "SQNR dB", "saturated", "flushed", "beta_pred", "med ulp/|w|"):
-        t.add_column(col, justify="left" if col == "format" else "right")
-    for fmt in st.formats:
-        s = st.model.formats[fmt].summary()
-        t.add_row(
-            fmt,
-            str(get_format(fmt).bits),
-            num(s["rel_error"]),
-            num(s["sqnr_db"], ".1f"),
-            pct(s["saturated"], 3),
-            pct(s["flushed"], 3),
-            pct(s["beta_pred"]),
-            num(s["ulp_rel_median"]),
-        )
-    return t
 
-
-def _layer_table(result, max_rows: int) -> tuple[Table, int]:
-    st = result.static
-    rows = ranked_layers(result)
-    t = Table(
-        title=f"Layers, most severe first (beta_pred at lr {st.lr:g})",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
-    )
-    width = min(32, max((len(r.layer.name) for r in rows), default=5))
-    t.add_column("layer", overflow="fold", min_width=width)
-    t.add_column("params", justify="right")
-    for fmt in st.formats:
-        t.add_column(f"{fmt}\nbeta_pred", justify="right")
-        t.add_column(f"{fmt}\nSQNR dB", justify="right")
-    t.add_column("verdict", min_width=16)
-    shown = rows if max_rows <= 0 else rows[:max_rows]
+def _layer_table(doc: Doc, options: RenderOptions) -> Table:
+    st = doc["static"]
+    rows = ranked_layers(doc)
+    shown = rows if options.max_rows <= 0 else rows[: options.max_rows]
+    formats = st["formats"]
+    name = Column("layer", justify="left", kind="name")
+    params = Column("params", drop=2 * len(formats) + 1)
+    # Dropped first: SQNR columns (last format first), then params, then beta_pred of all but the first format.
+    beta = [Column(f"{visible(f)}\nbeta_pred", drop=(2 * len(formats) + 1 + len(formats) - i) if i else 0,
+                   label=f"{visible(f)} beta_pred") for i, f in enumerate(formats)]
+    sq = [Column(f"{visible(f)}\nSQNR dB", drop=len(formats) - i, label=f"{visible(f)} SQNR") for i, f in enumerate(formats)]
+    verdict = Column("verdict", justify="left", kind="wrap", floor=15)
+    labels: list[str] = []
     for row in shown:
         layer = row.layer
-        cells = [layer.name, human_count(layer.tally.params)]
-        for fmt in st.formats:
-            s = layer.format_metrics(fmt)
-            cells += [pct(s["beta_pred"]), num(s["sqnr_db"], ".1f")]
-        label = ", ".join(verdict_label(v) for v in row.verdicts) if row.verdicts else "ok"
-        if layer.tally.nonfinite:
-            cells[0] = f"{layer.name} ({layer.tally.nonfinite} non-finite)"
-        t.add_row(*cells, Text(label, style=SEVERITY_STYLE[row.worst]))
-    return t, len(rows) - len(shown)
+        name.cells.append(_t(layer["name"]))
+        params.cells.append(Text(human_count(layer["params"])))
+        for i, fmt in enumerate(formats):
+            s = layer["formats"][fmt]
+            beta[i].cells.append(Text(pct(s["beta_pred"])))
+            sq[i].cells.append(Text(sqnr(s)))
+        items = [verdict_label(v) for v in row.verdicts] or ["ok"]
+        if layer["nonfinite"]:
+            items.append(f"{layer['nonfinite']} non-finite")
+        labels += items
+        verdict.cells.append(_t(", ".join(items), SEVERITY_STYLE[row.worst]))
+    verdict.comfort = max((len(x) + 1 for x in labels), default=0)
+    cols = [name, params]
+    for b, s in zip(beta, sq, strict=True):
+        cols += [b, s]
+    cols.append(verdict)
+    caption = [f"+{len(rows) - len(shown)} more layers (--max-rows 0 shows all)"] if len(shown) < len(rows) else []
+    return fitted_table(f"Layers, most severe first (beta_pred at lr {st['lr']:g})", cols, options.width, caption)
 
 
-def _findings(result, max_rows: int) -> Table | None:
-    groups = grouped_findings(result)
+def _findings(doc: Doc, options: RenderOptions) -> Table | None:
+    groups = grouped_findings(doc)
     if not groups:
         return None
-    t = Table(title="Findings (one line per rule and setting)", box=box.SIMPLE_HEAD, title_justify="left")
-    t.add_column("severity")
-    t.add_column("rule")
-    dynamic = any(g.first.rule.phase == "dynamic" for g in groups)
-    if dynamic:
-        t.add_column("setting", no_wrap=True)
-    t.add_column("message", overflow="fold")
-    shown = groups if max_rows <= 0 else groups[:max_rows]
+    shown = groups if options.max_rows <= 0 else groups[: options.max_rows]
+    dynamic = any(g.phase == "dynamic" for g in groups)
+    severity = Column("severity", justify="left")
+    rule = Column("rule", justify="left", kind="wrap", floor=12)
+    setting = Column("setting", justify="left", kind="wrap", drop=1)
+    message = Column("message", justify="left", kind="wrap", floor=30)
+    count = Column("n", drop=2)
+    # Layer names listed after a message are abbreviated to the message column's likely width,
+    # so none is broken across lines.
+    room = max(16, options.width - 3 * 5 - 1 - 8 - 4 - min(30, max(len(g.first["rule"]) for g in groups))
+               - (25 if dynamic else 0) - 1)
     for g in shown:
-        o = g.first
-        message = o.message
+        f = g.first
+        text = f["message"]
         if len(g.layers) > 1:
-            others = g.layers[1:]
+            others = [abbreviate(visible(n), room) for n in g.layers[1:]]
             listed = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
-            message += f" [also {listed}]"
-        cells = [Text(o.rule.severity, style=SEVERITY_STYLE[o.rule.severity]), o.rule.id]
-        if dynamic:
-            cells.append(o.subject.setting if o.rule.phase == "dynamic" and o.subject.setting else "")
-        t.add_row(*cells, message)
-    if len(shown) < len(groups):
-        t.caption = f"{len(groups) - len(shown)} more rule groups: --max-rows 0 shows all, --format json lists every finding"
-    return t
+            text += f" [also {listed}]"
+        severity.cells.append(Text(f["severity"], style=SEVERITY_STYLE[f["severity"]]))
+        count.cells.append(Text(str(g.count)))
+        rule.cells.append(_t(f["rule"]))
+        setting.cells.append(_t(f["setting"] if g.phase == "dynamic" and f["setting"] else ""))
+        message.cells.append(_t(text))
+    cols = [severity, count, rule] + ([setting] if dynamic else []) + [message]
+    total = len(doc["findings"])
+    hidden = total - len(shown)
+    caption = []
+    if hidden:
+        more_groups = len(groups) - len(shown)
+        where = f"; {more_groups} more rows: --max-rows 0 shows all" if more_groups else ""
+        caption.append(f"+{hidden} more findings (n: findings in the row{where}; --format json lists every finding)")
+    return fitted_table(f"Findings: {total}, one line per rule and setting", cols, options.width, caption)
 
 
-def _settings_table(result) -> Table:
-    dyn = result.dynamic
-    severity = setting_severity(result)
-    rec = result.recommendation
-    t = Table(
-        title=f"Probe bursts: {dyn.options.steps} steps each, p_t from up to {dyn.options.samples} moves per state (95% Wilson)",
-        box=box.SIMPLE_HEAD,
-        title_justify="left",
-        padding=(0, 1),
-    )
-    t.add_column("setting", overflow="fold")
-    for col in ("psi", "psi_rank", "p_t [95% CI]", "unif", "blocked", "beta", "beta_eff", "dloss", "verdict"):
-        t.add_column(col, justify="left" if col in ("verdict", "p_t [95% CI]") else "right", no_wrap=True)
-    for r in dyn.settings:
-        m = r.model_metrics()
-        label = Text(r.id, style="bold green" if rec is not None and rec.setting == r.id else "")
-        sev = severity.get(r.id, "ok")
-        t.add_row(
-            label,
-            num(m["psi"], ".2f"),
-            num(m["psi_rank"], ".2f"),
-            interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]),
-            num(m["p_t_uniform"], ".2f"),
-            pct(m["blocked"], 0),
-            pct(m["beta"]),
-            pct(m["beta_eff"], 0),
-            f"{m['loss_delta']:+.3g}",
-            Text(sev, style=SEVERITY_STYLE[sev]),
-        )
+def _settings_table(doc: Doc, options: RenderOptions) -> Table:
+    d = doc["dynamic"]
+    severity = setting_severity(doc)
+    rec = doc["recommendation"]
+    chosen = rec["setting"] if rec is not None else None
+    spec = [
+        ("psi", "psi", 5), ("psi_rank", "psi_rank", 0), ("p_t [95% CI]", "p_t", 0), ("unif", "p_t_uniform", 1),
+        ("blocked", "blocked", 2), ("beta", "beta", 0), ("beta_eff", "beta_eff", 3), ("dloss", "loss_delta", 4),
+    ]
+    setting = Column("setting", justify="left", kind="wrap")
+    cols = {key: Column(header, justify="left" if key == "p_t" else "right", drop=drop) for header, key, drop in spec}
+    verdict = Column("verdict", justify="left")
+    for r in doc["settings"]:
+        m = r["model"]
+        setting.cells.append(_t(r["id"], "bold green" if r["id"] == chosen else ""))
+        values = {
+            "psi": num(m["psi"], ".2f"), "psi_rank": num(m["psi_rank"], ".2f"),
+            "p_t": interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]), "p_t_uniform": num(m["p_t_uniform"], ".2f"),
+            "blocked": pct(m["blocked"], 0), "beta": pct(m["beta"]), "beta_eff": pct(m["beta_eff"], 0),
+            "loss_delta": signed(m["loss_delta"]),
+        }
+        for key, value in values.items():
+            cols[key].cells.append(Text(value))
+        sev = severity.get(r["id"], "ok")
+        verdict.cells.append(Text(sev, style=SEVERITY_STYLE[sev]))
+    caption = []
     if rec is not None:
-        t.caption = f"recommended: {rec.setting}" if rec.setting else "no probed setting passes every error rule"
-    return t
+        caption.append(visible(f"recommended: {chosen}") if chosen else "no probed setting passes every error rule")
+    title = f"Probe bursts: {d['steps']} steps each, p_t from up to {d['samples']} moves per state (95% Wilson)"
+    return fitted_table(title, [setting, *cols.values(), verdict], options.width, caption)
 
 
-def _dynamic_layer_table(result, setting_id: str, max_rows: int) -> tuple[Table, int]:
-    r = next(s for s in result.dynamic.settings if s.id == setting_id)
-    metrics = r.layer_metrics()
-    verdicts = layer_verdicts(result, setting_id)
+def _dynamic_layer_table(doc: Doc, setting: Mapping[str, Any], options: RenderOptions) -> Table:
+    verdicts = layer_verdicts(doc, setting["id"])
     rank = {"error": 0, "warning": 1, "info": 2, "ok": 3}
-    order = list(metrics)
-    names = [n for n in order if r.layers[n].trainable]
-    frozen = len(order) - len(names)
-    names.sort(key=lambda n: (rank[verdicts.get(n, ("ok", []))[0]], order.index(n)))
-    t = Table(title=f"Layers of {setting_id}, most severe first", box=box.SIMPLE_HEAD, title_justify="left", padding=(0, 1))
-    t.add_column("layer", overflow="fold", min_width=min(34, max((len(n) for n in names), default=5)))
-    for col in ("psi", "psi_rank", "r_star", "beta", "beta_eff", "p_t surr"):
-        t.add_column(col, justify="right", no_wrap=True)
-    t.add_column("|du|/ULP", no_wrap=True)
-    t.add_column("verdict", min_width=10)
-    shown = names if max_rows <= 0 else names[:max_rows]
-    for name in shown:
-        m = metrics[name]
-        sev, vs = verdicts.get(name, ("ok", []))
-        hist = m["ulp_hist"]
-        t.add_row(
-            name,
-            num(m["psi"], ".2f"),
-            num(m["psi_rank"], ".2f"),
-            str(m["r_star"]) if m["r_star"] is not None else "-",
-            pct(m["beta"]),
-            pct(m["beta_eff_elem"], 0),
-            num(m["p_t_surrogate"], ".2f"),
-            sparkline(list(hist.values())) if hist else "",
-            Text(", ".join(verdict_label(v) for v in vs) if vs else "ok", style=SEVERITY_STYLE[sev]),
-        )
-    t.caption = "beta_eff: activation cells changed; |du|/ULP: proposed steps, bins 1/64..64"
+    layers = list(setting["layers"])
+    trained = [(i, layer) for i, layer in enumerate(layers) if layer["trainable"]]
+    frozen = len(layers) - len(trained)
+    trained.sort(key=lambda p: (rank[verdicts.get(p[1]["name"], ("ok", []))[0]], p[0]))
+    shown = trained if options.max_rows <= 0 else trained[: options.max_rows]
+    name = Column("layer", justify="left", kind="name")
+    spec = [("psi", 4), ("psi_rank", 0), ("r_star", 0), ("beta", 0), ("beta_eff", 2), ("p_t surr", 3)]
+    cols = {header: Column(header, drop=drop) for header, drop in spec}
+    hist = Column("|du|/ULP", justify="left", drop=1)
+    verdict = Column("verdict", justify="left", kind="wrap", floor=15)
+    verdict.comfort = max((len(verdict_label(v)) + 1 for _, vs in verdicts.values() for v in vs), default=0)
+    for _, m in shown:
+        sev, vs = verdicts.get(m["name"], ("ok", []))
+        name.cells.append(_t(m["name"]))
+        values = [num(m["psi"], ".2f"), num(m["psi_rank"], ".2f"), str(m["r_star"]) if m["r_star"] is not None else "-",
+                  pct(m["beta"]), pct(m["beta_eff_elem"], 0), num(m["p_t_surrogate"], ".2f")]
+        for col, value in zip(cols.values(), values, strict=True):
+            col.cells.append(Text(value))
+        hist.cells.append(Text(sparkline(ordered_hist(m["ulp_hist"]))))
+        verdict.cells.append(_t(", ".join(verdict_label(v) for v in vs) if vs else "ok", SEVERITY_STYLE[sev]))
+    caption = ["beta_eff: activation cells changed; |du|/ULP: proposed steps, bins 1/64..64"]
     if frozen:
-        t.caption += f"; {frozen} untrained layers not shown"
-    return t, len(names) - len(shown)
+        caption.append(f"{frozen} untrained layers not shown")
+    if len(shown) < len(trained):
+        caption.append(f"+{len(trained) - len(shown)} more layers (--max-rows 0 shows all)")
+    title = Text(f"Layers of {visible(setting['id'])}, most severe first")
+    return fitted_table(title, [name, *cols.values(), hist, verdict], options.width, caption)
 
 
-def _recommendation(result) -> Panel:
-    rec = result.recommendation
+def _recommendation(doc: Doc) -> Panel:
+    rec = doc["recommendation"]
     grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
+    grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
-    if rec.setting:
-        grid.add_row("setting", Text(rec.setting, style="bold green"))
+    if rec["setting"]:
+        grid.add_row("setting", _t(rec["setting"], "bold green"))
     else:
         grid.add_row("setting", Text("none of the probed settings passes", style="bold red"))
-    grid.add_row("why", rec.reason)
+    grid.add_row("why", _t(rec["reason"]))
     snippet = peft_snippet(rec)
     if snippet:
-        label = "or, cheaper" if rec.setting and rec.base_rank is not None else "rank_pattern"
-        grid.add_row(label, snippet)
-    if rec.keep_finer:
-        grid.add_row("keep finer", ", ".join(rec.keep_finer))
+        label = "or, cheaper" if rec["setting"] and rec["base_rank"] is not None else "rank_pattern"
+        grid.add_row(label, _t(snippet))
+    if rec["keep_finer"]:
+        grid.add_row("keep finer", _t(", ".join(rec["keep_finer"])))
     return Panel(grid, title="Recommendation", title_align="left", box=box.ROUNDED)
 
 
-def build_report(result, options: RenderOptions) -> Group:
-    parts: list = [_summary(result), _model_table(result)]
-    layers, hidden = _layer_table(result, options.max_rows)
-    if hidden:
-        layers.caption = f"{hidden} more layers (--max-rows 0 shows all)"
-    parts.append(layers)
-    if result.dynamic is not None and result.dynamic.settings:
-        parts.append(_settings_table(result))
-        focus = result.recommendation.focus if result.recommendation else result.dynamic.settings[0].id
-        table, hidden_dyn = _dynamic_layer_table(result, focus, options.max_rows)
-        if hidden_dyn:
-            table.caption = (table.caption + "; " if table.caption else "") + f"{hidden_dyn} more layers (--max-rows 0 shows all)"
-        parts.append(table)
-        if result.recommendation is not None:
-            parts.append(_recommendation(result))
-    findings = _findings(result, options.max_rows)
+def build_report(doc: Doc, options: RenderOptions) -> Group:
+    parts: list[RenderableType] = [_summary(doc), _model_table(doc, options.width), _layer_table(doc, options)]
+    focus = focus_setting(doc)
+    if doc["dynamic"] is not None and focus is not None:
+        parts.append(_settings_table(doc, options))
+        parts.append(_dynamic_layer_table(doc, focus, options))
+        if doc["recommendation"] is not None:
+            parts.append(_recommendation(doc))
+    findings = _findings(doc, options)
     if findings is not None:
         parts.append(findings)
-    skipped = skipped_rules(result)
-    notes = list(result.notes)
+    skipped = skipped_rules(doc)
+    notes = list(doc["notes"])
     if skipped:
         notes.append(f"{len(skipped)} rules skipped, never evaluated: {', '.join(sorted(skipped))}")
-    if result.static.skipped:
-        notes.append(f"{len(result.static.skipped)} non-float tensors not audited")
-    for note in notes:
-        parts.append(Text(f"note: {note}", style="dim"))
+    if doc["static"]["skipped_tensors"]:
+        notes.append(f"{len(doc['static']['skipped_tensors'])} non-float tensors not audited")
+    parts.extend(_t(f"note: {note}", "dim") for note in notes)
     return Group(*parts)
 
 
@@ -264,7 +282,7 @@ class TableFormatter(Formatter):
     machine = False
     suffix = ".txt"
 
-    def render(self, result, options: RenderOptions) -> str:
+    def render_document(self, doc: Doc, options: RenderOptions) -> str:
         buf = io.StringIO()
         console = Console(
             file=buf,
@@ -273,6 +291,8 @@ class TableFormatter(Formatter):
             color_system="256" if options.color else None,
             width=options.width,
             highlight=False,
+            emoji=False,
+            markup=False,
         )
-        console.print(build_report(result, options))
+        console.print(build_report(doc, options))
         return buf.getvalue()
