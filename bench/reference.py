@@ -2,7 +2,7 @@
 
     python bench/reference.py [--models example,20m] [--steps 8] [--samples 64] [--rank 8]
 
-The reference is written the way the paper's sketch (Appendix A) reads:
+The reference is written the way the paper's sketch reads (docs/definitions.md §8):
   * p_t: a Python loop of K samples per proposal, each drawing a fresh micro-batch
     gradient with its own forward and backward, projecting onto S, re-quantizing the
     model and running one forward per sample (and one on the held-out batch); no
@@ -201,7 +201,7 @@ def compare(name: str, model_dir: Path, steps: int, samples: int, rank: int) -> 
                              device=torch.device("cpu"))
     train, val = split_batch(batch, 0.25, 0)
     _, loss_fn = resolve_loss(None, loaded, train)
-    setting = Setting(PrecisionStack("bf16", None, "nearest", "fp32"), Subspace("lora", rank, "all-linear"),
+    setting = Setting(PrecisionStack("bf16", None, "nearest", "fp32", scope="all"), Subspace("lora", rank, "all-linear", base="merged"),
                       OptimizerSpec("adamw", 1e-4))
     exact = BurstOptions(steps=steps, samples=samples, early_stop=False)
     t = time.perf_counter()

@@ -49,8 +49,10 @@ def test_library_burst_agrees_with_the_straightforward_implementation(weights):
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     train = {k: v[:14] for k, v in batch.items()}
     val = {k: v[14:] for k, v in batch.items()}
-    setting = Setting(PrecisionStack(weights, None, "nearest", "fp32"), Subspace("lora", 4, "all-linear"),
-                      OptimizerSpec("adamw", 1e-3))
+    # The reference re-quantizes every parameter, adapters merged: the library's
+    # scope="all", base="merged" mode (the frozen-base default is tested in test_peft_semantics.py).
+    setting = Setting(PrecisionStack(weights, None, "nearest", "fp32", scope="all"),
+                      Subspace("lora", 4, "all-linear", base="merged"), OptimizerSpec("adamw", 1e-3))
     options = BurstOptions(steps=3, samples=24, micro_batch=4, eval_batch=8, early_stop=False)
 
     ref = reference.Reference(model, causal_lm, setting, train, val, options).run(setting)

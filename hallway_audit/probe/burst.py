@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..lattice import Format, get_format
+from ..lattice import get_format
 from ..model.data import MicroBatches, batch_size, take, token_count
 from .crossing import ActivationCells, activation_changes, cell_changes, crossing_counts
 from .engine import Batch, LossEvaluator, LossFn
@@ -31,8 +31,8 @@ from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_va
 from .pt import Direction, StateGradients, measure_pt, split_gradient
 from .realize import Realization
 from .result import LayerDynamics, SettingResult, StepRecord
-from .shares import SharesVerdict
 from .settings import Setting
+from .shares import SharesVerdict
 from .targets import ParamInfo
 
 # progress(setting_id, phase, done, total)
@@ -117,6 +117,7 @@ def _rank_capture(
     for layer, d in layers.items():
         names = names_of.get(layer, [])
         total = sum(_sq(g_full[n]) for n in names)
+        d.grad_seen = d.grad_seen or total > 0
         if real.kind == "lora" and not any(n in real.lora for n in names):
             d.psi_rank = None  # not a target: the model-level psi_rank counts it
         else:
@@ -135,33 +136,48 @@ def _record_psi(params: list[ParamInfo], g: dict[str, Tensor], real: Realization
         cap[p.layer] = cap.get(p.layer, 0.0) + (_sq(projected[p.name]) if p.name in projected else 0.0)
     for layer, d in layers.items():
         d.psi.append((cap[layer] / tot[layer]) ** 0.5 if tot[layer] > 0 else None)
+        d.grad_seen = d.grad_seen or tot[layer] > 0
     total = sum(tot.values())
     return (sum(cap.values()) / total) ** 0.5 if total > 0 else None
 
 
 def _record_crossings(
     real: Realization,
-    fmt: Format,
     stored: dict[str, Tensor],
     proposed_stored: dict[str, Tensor],
     next_stored: dict[str, Tensor],
+    phi: tuple[dict[str, Tensor], dict[str, Tensor]] | None,
     layers: dict[str, LayerDynamics],
     layer_of: dict[str, str],
     layer_norms: dict[str, list[float]],
 ) -> tuple[float | None, float | None, float]:
     """beta, beta_proposed and the ULP histogram per layer (appended); returns the
-    model's beta, beta_proposed and the step's W-space update norm."""
+    model's beta, beta_proposed and the step's W-space update norm.
+
+    Each value is judged on the lattice it is stored on: the weight format where it
+    applies, fp32 elsewhere; a LoRA target over a frozen base by its adapters
+    (`phi` = adapters before and proposed by the optimizer), which are what moves.
+    """
     per_layer: dict[str, list[float]] = {}  # changed, moved, count, squared norm
     for name in real.trainable:
-        proposed = proposed_stored[name] - stored[name]
-        changed, moved, hist = crossing_counts(fmt, stored[name], next_stored[name], proposed)
         d = layers[layer_of[name]]
-        d.hist += hist
         c = per_layer.setdefault(d.name, [0, 0, 0, 0.0])
-        c[0] += changed
-        c[1] += moved
-        c[2] += proposed.numel()
+        proposed = proposed_stored[name] - stored[name]
         c[3] += _sq(proposed)
+        fmt = real.weight_format(name)
+        if fmt is not None:
+            items = [(fmt, stored[name], next_stored[name], proposed)]
+        else:
+            assert phi is not None
+            before, proposed_phi = phi
+            keys = (name + "::A", name + "::B")
+            items = [(real.phi_format(k), before[k], real.phi[k].detach(), proposed_phi[k] - before[k]) for k in keys]
+        for f, b, a, p in items:
+            changed, moved, hist = crossing_counts(f, b, a, p)
+            d.hist += hist
+            c[0] += changed
+            c[1] += moved
+            c[2] += p.numel()
     for layer, (ch, mv, n, n2) in per_layer.items():
         layers[layer].beta.append(ch / n)
         layers[layer].beta_proposed.append(mv / n)
@@ -172,17 +188,17 @@ def _record_crossings(
 
 def _record_adapter_crossings(
     real: Realization,
-    fmt: Format,
     phi_before: dict[str, Tensor],
     layers: dict[str, LayerDynamics],
     layer_of: dict[str, str],
 ) -> None:
-    """beta_adapter: LoRA adapter parameters whose cell changed in the step."""
+    """beta_adapter: LoRA adapter parameters whose cell changed in the step, on the
+    lattice the adapters are stored on."""
     per_layer: dict[str, list[int]] = {}
     for k in real.adapter_keys():
         before, after = phi_before[k], real.phi[k].detach()
         c = per_layer.setdefault(layer_of[k.split("::")[0]], [0, 0])
-        c[0] += cell_changes(fmt, before, after)
+        c[0] += cell_changes(real.phi_format(k), before, after)
         c[1] += before.numel()
     for layer, (ch, n) in per_layer.items():
         layers[layer].beta_adapter.append(ch / n)
@@ -211,7 +227,6 @@ def run_burst(
     evaluator = LossEvaluator(module, loss_fn, f" (setting {setting.id})")
     keys = list(real.phi)
     opt = _make_optimizer(setting, [real.phi[k] for k in keys])
-    fmt = get_format(setting.precision.weights)
     layer_of = {p.name: p.layer for p in params}
     trainable = set(real.trainable)
     layers = {p.layer: LayerDynamics(p.layer, trainable=False) for p in params}
@@ -267,14 +282,16 @@ def run_burst(
             opt.step()
             opt.zero_grad(set_to_none=True)
             proposed_stored = real.stored()
+            phi_proposed = {k: v.detach().clone() for k, v in real.phi.items()} if real.lora else None
             real.write_back()
             next_stored = real.stored()
 
+            phi_pair = (phi_before, phi_proposed) if phi_before is not None and phi_proposed is not None else None
             beta, beta_proposed, update_norm = _record_crossings(
-                real, fmt, stored, proposed_stored, next_stored, layers, layer_of, layer_norms
+                real, stored, proposed_stored, next_stored, phi_pair, layers, layer_of, layer_norms
             )
             if phi_before is not None:
-                _record_adapter_crossings(real, fmt, phi_before, layers, layer_of)
+                _record_adapter_crossings(real, phi_before, layers, layer_of)
 
             now = real.realized(next_stored)
             with acts.record() as cells:

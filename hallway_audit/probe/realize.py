@@ -8,12 +8,20 @@ beta and the p_t moves are defined:
           other parameters train densely;
 * lora:   phi = (A, B) per target, W = W0 + s * B @ A; other parameters frozen.
 
-The forward always sees Q(W) (nearest rounding onto the weight format; the
+The forward sees Q(W) (nearest rounding onto the weight format; the
 straight-through estimator is implicit because the backward is taken w.r.t. the
-realized weights and mapped to phi by the chain rule). With master weights "none"
-phi itself lives on the lattice: after each optimizer step it is rounded back with
-the setting's rounding mode (nearest or stochastic). With fp32 master weights phi
-accumulates in fp32 and the forward sees its rounding.
+realized weights and mapped to phi by the chain rule) for the parameters the format
+applies to: every parameter for bf16/fp16, linear-layer weights only for coarser
+formats (PrecisionStack.scope). With master weights "none" phi itself lives on the
+lattice: after each optimizer step it is rounded back with the setting's rounding
+mode (nearest or stochastic). With fp32 master weights phi accumulates in fp32 and
+the forward sees its rounding.
+
+LoRA follows PEFT / QLoRA by default: the base is frozen on the weight format and
+the forward sees Q(W0) + s B A, with the adapters stored in their own format
+(fp32 unless PrecisionStack.adapters says otherwise). Subspace.base = "merged" rounds
+W0 + s B A onto the format instead (a merged low-precision deployment).
+See docs/definitions.md §4.1.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from .settings import Setting
 from .targets import ParamInfo, select_targets
 
 _SEP = "::"  # phi key for LoRA adapters: "<param name>::A"
+_FP32 = get_format("fp32")
 
 
 def _orthonormal_basis(m: Tensor) -> Tensor:
@@ -98,6 +107,9 @@ class Realization:
         self.info = {p.name: p for p in params}
         self.fmt: Format = get_format(setting.precision.weights)
         self.quantizes = self.fmt.name != "fp32"
+        self.all_params = setting.precision.applies_to_all()
+        self.adapter_fmt: Format = get_format(setting.precision.adapters)
+        self.merged = setting.subspace.base == "merged"
         self.master = setting.precision.master_weights
         self.rounding = setting.precision.rounding
         self.generator = generator  # CPU: initializations and masks
@@ -137,20 +149,45 @@ class Realization:
                 if name in self.masks:
                     w = w * self.masks[name]
                 phi[name] = w
-        if self.master == "none":
-            phi = {k: self.q(v) for k, v in phi.items()}  # weights start on the lattice
+        if self.master == "none":  # the stored values start on their lattice
+            phi = {k: self.q(v, fmt=self.phi_format(k)) for k, v in phi.items()}
         self.phi = {k: v.detach().requires_grad_(True) for k, v in phi.items()}
         self._bases: dict[str, tuple[Tensor, Tensor]] = {}
         # What the forward sees of the parameters this setting does not move: fixed.
         moving = set(self.trainable)
-        self.frozen = {name: self.q(base[name].to(torch.float32)) for name in base if name not in moving}
+        self.frozen = {name: self.q_param(name, base[name].to(torch.float32)) for name in base if name not in moving}
+        # PEFT's frozen base: Q(W0) once, the adapters' product added in fp32.
+        self.base_q = {} if self.merged else {name: self.q_param(name, base[name].to(torch.float32)) for name in self.lora}
 
     # -- the lattice ---------------------------------------------------------------
-    def q(self, w: Tensor, rounding: str = "nearest") -> Tensor:
-        if not self.quantizes:
+    def quantized(self, name: str) -> bool:
+        """Does the weight format apply to parameter `name` (scope: all or linear weights)?"""
+        return self.quantizes and (self.all_params or self.info[name].linear)
+
+    def weight_format(self, name: str) -> Format | None:
+        """The lattice the stored W-space value of trainable `name` lives on; None for a
+        frozen-base LoRA target, whose moving part is its adapters (phi_format)."""
+        if name in self.lora and not self.merged:
+            return None
+        return self.fmt if self.quantized(name) else _FP32
+
+    def phi_format(self, key: str) -> Format:
+        """The lattice a trainable value (a weight, or a LoRA adapter) is stored on."""
+        if _SEP in key:
+            return self.fmt if self.merged else self.adapter_fmt
+        return self.fmt if self.quantized(key) else _FP32
+
+    def q(self, w: Tensor, rounding: str = "nearest", fmt: Format | None = None) -> Tensor:
+        """w rounded onto `fmt` (default: the weight format)."""
+        fmt = self.fmt if fmt is None else fmt
+        if fmt.name == "fp32":
             return w.detach()
         gen = self.device_generator if rounding == "stochastic" else None
-        return self.fmt.at(w.detach()).quantize(w.detach(), rounding, gen)
+        return fmt.at(w.detach()).quantize(w.detach(), rounding, gen)
+
+    def q_param(self, name: str, w: Tensor, rounding: str = "nearest") -> Tensor:
+        """What the forward sees of parameter `name` stored as w."""
+        return self.q(w, rounding) if self.quantized(name) else w.detach()
 
     # -- weight space ----------------------------------------------------------------
     @torch.no_grad()
@@ -168,11 +205,15 @@ class Realization:
 
     @torch.no_grad()
     def realized(self, stored: dict[str, Tensor] | None = None, rounding: str = "nearest") -> dict[str, Tensor]:
-        """Every parameter as the forward sees it: Q(W) for trainable, fixed Q(W0) for the rest."""
+        """Every parameter as the forward sees it: Q(W) for trainable, fixed Q(W0) for the
+        rest, Q(W0) + (W - W0) for LoRA targets over a frozen base."""
         stored = self.stored() if stored is None else stored
         out = dict(self.frozen)
         for name, w in stored.items():
-            out[name] = self.q(w, rounding)
+            if name in self.base_q:
+                out[name] = self.base_q[name] + (w.detach() - self.base[name].to(torch.float32))
+            else:
+                out[name] = self.q_param(name, w, rounding)
         return out
 
     @property
@@ -279,9 +320,11 @@ class Realization:
         self._bases.clear()
         for name, m in self.masks.items():
             self.phi[name].mul_(m)
-        if self.master == "none" and self.quantizes:
-            for p in self.phi.values():
-                p.copy_(self.q(p, self.rounding))
+        if self.master == "none":
+            for key, p in self.phi.items():
+                fmt = self.phi_format(key)
+                if fmt.name != "fp32":
+                    p.copy_(self.q(p, self.rounding, fmt))
 
     def adapter_keys(self) -> list[str]:
         return [k for k in self.phi if _SEP in k]

@@ -1,0 +1,118 @@
+"""The probe models what frameworks run: PEFT / QLoRA keep a quantized base frozen and
+train adapters in their own dtype; fp8/int/nf4 formats quantize linear weights only.
+
+Checked against PEFT itself where it can be: the forward a burst realizes for a LoRA
+target equals a PEFT LoraLayer over the quantized base with the same adapters.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import tiny_llama_model
+
+from hallway_audit.lattice import get_format
+from hallway_audit.model.losses import causal_lm
+from hallway_audit.probe import BurstOptions, OptimizerSpec, PrecisionStack, Setting, Subspace, run_sweep
+from hallway_audit.probe.realize import Realization
+from hallway_audit.probe.targets import param_dict, parameter_universe
+
+
+def _realization(model: torch.nn.Module, precision: PrecisionStack, subspace: Subspace) -> Realization:
+    setting = Setting(precision, subspace, OptimizerSpec("adamw", 1e-3))
+    return Realization(setting, parameter_universe(model), {k: v.float() for k, v in param_dict(model).items()},
+                       torch.Generator().manual_seed(0))
+
+
+def _batch(n: int = 16) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 64, (n, 10), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+@pytest.mark.parametrize("fmt", ["fp8_e4m3", "int4", "nf4"])
+def test_coarse_formats_quantize_linear_weights_only(fmt):
+    model = tiny_llama_model()
+    real = _realization(model, PrecisionStack(fmt), Subspace("full"))
+    base = {k: v.float() for k, v in param_dict(model).items()}
+    now = real.realized()
+    lattice_w = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(now[lattice_w], get_format(fmt).at(base[lattice_w]).quantize(base[lattice_w]))
+    for kept in ("model.norm.weight", "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight"):
+        assert torch.equal(now[kept], base[kept]), kept
+    # scope="all" is hallway-audit 0.3's behaviour: every float parameter on the lattice
+    everything = _realization(model, PrecisionStack(fmt, scope="all"), Subspace("full")).realized()
+    norm = "model.norm.weight"
+    assert torch.equal(everything[norm], get_format(fmt).at(base[norm]).quantize(base[norm]))
+
+
+def test_bf16_casts_every_parameter():
+    model = tiny_llama_model()
+    now = _realization(model, PrecisionStack("bf16"), Subspace("full")).realized()
+    for name, w in param_dict(model).items():
+        assert torch.equal(now[name], w.float().to(torch.bfloat16).float()), name
+
+
+def test_frozen_base_forward_equals_a_peft_lora_layer_over_the_quantized_base():
+    """Q(W0) + s B A, with A and B as the burst holds them, is what PEFT computes."""
+    peft = pytest.importorskip("peft")
+    model = tiny_llama_model()
+    real = _realization(model, PrecisionStack("nf4"), Subspace("lora", 4, "all-linear", alpha=8.0))
+    name = "model.layers.1.mlp.down_proj.weight"
+    with torch.no_grad():  # give B a value, as after some steps
+        real.phi[name + "::B"].copy_(torch.randn(real.phi[name + "::B"].shape, generator=torch.Generator().manual_seed(3)))
+    realized = real.realized()[name]
+    base = param_dict(model)[name].float()
+    q0 = get_format("nf4").at(base).quantize(base)
+
+    linear = torch.nn.Linear(base.shape[1], base.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(q0)
+    holder = torch.nn.Sequential(linear)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_dropout=0.0)
+    wrapped = peft.get_peft_model(holder, config)
+    layer = wrapped.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(real.phi[name + "::A"])
+        layer.lora_B["default"].weight.copy_(real.phi[name + "::B"])
+    x = torch.randn(5, base.shape[1], generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(torch.nn.functional.linear(x, realized), wrapped(x), rtol=1e-5, atol=1e-6)
+    # the base under the adapters is the nf4 base, not a re-quantized sum
+    s = real.lora[name][0]
+    torch.testing.assert_close(realized - s * (real.phi[name + "::B"] @ real.phi[name + "::A"]), q0, rtol=0, atol=1e-6)
+
+
+def test_frozen_base_starts_at_the_quantized_base_and_merged_mode_rounds_the_sum():
+    model = tiny_llama_model()
+    name = "model.layers.0.self_attn.v_proj.weight"
+    base = param_dict(model)[name].float()
+    lattice = get_format("fp8_e4m3").at(base)
+    frozen = _realization(model, PrecisionStack("fp8_e4m3"), Subspace("lora", 4))
+    assert torch.equal(frozen.realized()[name], lattice.quantize(base))  # B = 0
+    merged = _realization(model, PrecisionStack("fp8_e4m3"), Subspace("lora", 4, base="merged"))
+    with torch.no_grad():
+        for real in (frozen, merged):
+            real.phi[name + "::B"].fill_(1e-3)
+    w = frozen.stored()[name]
+    assert torch.equal(merged.realized()[name], get_format("fp8_e4m3").at(w).quantize(w))
+    assert not torch.equal(frozen.realized()[name], merged.realized()[name])
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "fp8_e4m3"])
+def test_lora_over_a_quantized_base_moves_its_adapters(fmt):
+    """QLoRA trains: the adapters (fp32) cross cells at every step; the merged mode is
+    the one where sub-cell adapter products round away."""
+    model = tiny_llama_model()
+    batch = _batch()
+    train = {k: v[:12] for k, v in batch.items()}
+    val = {k: v[12:] for k, v in batch.items()}
+    options = BurstOptions(steps=3, samples=8, micro_batch=4, eval_batch=8)
+    settings = [Setting(PrecisionStack(fmt), Subspace("lora", 4, base=base), OptimizerSpec("adamw", 1e-4))
+                for base in ("frozen", "merged")]
+    result = run_sweep(model, settings=settings, loss_fn=causal_lm, loss_name="causal_lm", train=train, val=val,
+                       options=options, model_source="t", calib="t", val_source="t")
+    frozen, merged = result.settings
+    frozen_beta = [s.beta for s in frozen.steps[1:]]
+    assert all(b is not None and b > 0.5 for b in frozen_beta), frozen_beta  # B = 0 at step 0: A has no gradient
+    assert frozen.steps[-1].loss < frozen.initial_loss
+    merged_beta = [s.beta for s in merged.steps]
+    assert max(b for b in merged_beta if b is not None) < min(frozen_beta)
