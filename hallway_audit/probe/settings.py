@@ -19,6 +19,12 @@ from ..lattice import get_format
 Rounding = Literal["nearest", "stochastic"]
 Master = Literal["fp32", "none"]
 SubspaceKind = Literal["full", "lora", "sparse"]
+Scope = Literal["auto", "linear", "all"]
+LoraBase = Literal["frozen", "merged"]
+
+# Formats that training frameworks cast every parameter to (autocast, .to(dtype));
+# coarser formats quantize linear-layer weights only (torchao, bitsandbytes, TE).
+CAST_ALL_FORMATS = ("fp32", "bf16", "fp16")
 MaskKind = Literal["magnitude", "random", "2:4"]
 
 # --targets presets: module-name suffixes of the usual transformer projections.
@@ -36,16 +42,33 @@ class PrecisionStack:
     activations: str | None = None
     rounding: Rounding = "nearest"
     master_weights: Master = "fp32"
+    # Which parameters the weight format applies to (docs/definitions.md §3.4):
+    # "auto" follows the frameworks (bf16/fp16 cast every parameter; fp8, fp6, fp4,
+    # int, nf4 and MX formats quantize linear-layer weights only), "linear" / "all"
+    # force one or the other ("all" is the behaviour of hallway-audit 0.3).
+    scope: Scope = "auto"
+    # What LoRA adapters are stored in: PEFT trains them in fp32 whatever the base.
+    adapters: str = "fp32"
+
+    def applies_to_all(self) -> bool:
+        """Does the weight format apply to every parameter, or to linear weights only?"""
+        if self.scope != "auto":
+            return self.scope == "all"
+        return self.weights in CAST_ALL_FORMATS
 
     @property
     def label(self) -> str:
         parts = [self.weights]
+        if self.scope != "auto":
+            parts.append(f"{self.scope} params")
         if self.activations:
             parts.append(f"act {self.activations}")
         if self.rounding == "stochastic":
             parts.append("SR")
         if self.master_weights == "none":
             parts.append("no master")
+        if self.adapters != "fp32":
+            parts.append(f"{self.adapters} adapters")
         return " ".join(parts)
 
 
@@ -59,6 +82,10 @@ class Subspace:
     rank_pattern: tuple[tuple[str, int], ...] = ()  # PEFT rank_pattern: regex/suffix -> rank
     sparsity: float = 0.0
     mask: MaskKind = "magnitude"
+    # LoRA over a quantized base as PEFT / QLoRA run it: the base stays frozen in the
+    # weight format and the forward is Q(W0) + s B A ("frozen"). "merged" rounds
+    # W0 + s B A onto the format at every step (deploying merged low-precision weights).
+    base: LoraBase = "frozen"
 
     def scale(self, rank: int) -> float:
         """LoRA's s: alpha/r, or alpha/sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
@@ -112,8 +139,11 @@ class Setting:
             parts.append("sr")
         if p.master_weights == "none":
             parts.append("nomaster")
+        if p.scope != "auto":
+            parts.append(f"q{p.scope}")
         if s.kind == "lora":
-            parts.append(f"r{s.rank}" + (f"-{s.targets}" if s.targets != "all-linear" else "") + ("-rs" if s.rslora else ""))
+            parts.append(f"r{s.rank}" + (f"-{s.targets}" if s.targets != "all-linear" else "") + ("-rs" if s.rslora else "")
+                         + ("-merged" if s.base == "merged" else "") + (f"-ad{p.adapters}" if p.adapters != "fp32" else ""))
         elif s.kind == "sparse":
             parts.append(f"sp{s.sparsity:g}-{s.mask}")
         else:
