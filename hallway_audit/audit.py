@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from .rules import FAIL_ON, Outcome, RuleSet, evaluate, load_rules, severity_ran
 from .static import StaticResult, run_static
 from .static.audit import Progress
 from .subjects import dynamic_subjects, static_subjects
+
+if TYPE_CHECKING:  # the model package is imported only when a dynamic audit runs
+    from .model import Batch, LoadedModel, LossFn
 
 DEFAULT_FORMATS = ("bf16", "fp8_e4m3")
 DEFAULT_LR = 1e-4
@@ -82,7 +86,7 @@ class DynamicPlan:
     calib: str
     model: str | None = None  # --model module:factory or file.py:factory; None: the HF directory's architecture
     val: str | None = None  # None: a deterministic 25% split of calib
-    loss: str | None = None  # None: chosen from the model and the batch
+    loss: str | LossFn | None = None  # a name, module:function, or fn(model, batch) -> scalar; None: chosen
     sweep: SweepSpec = field(default_factory=SweepSpec)
     burst: BurstOptions = field(default_factory=BurstOptions)
     max_length: int = 128
@@ -140,6 +144,8 @@ def audit(
     ruleset = load_rules(list(rules)) if rules else load_rules([])
     dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     settings = dynamic.sweep.settings() if dynamic is not None else []  # bad flags fail before any work
+    # data, model and loss errors come before the static pass, not after it
+    prepared = _prepare_dynamic(checkpoint, dynamic, dev) if dynamic is not None else None
     with open_checkpoint(checkpoint) as ckpt:
         static = run_static(ckpt, formats, lr, spectral=spectral, device=dev, progress=progress)
         summary = CheckpointSummary(
@@ -154,7 +160,9 @@ def audit(
     if dynamic is None:
         notes.append("static audit only: pass --calib (and --model unless CHECKPOINT is a Hugging Face directory) for probe bursts; dynamic rules are skipped")
     else:
-        dyn_result = _run_dynamic(checkpoint, dynamic, settings, ruleset, dev, burst_progress)
+        assert prepared is not None
+        dyn_result = _run_dynamic(prepared, dynamic, settings, ruleset, burst_progress)
+        notes.extend(dyn_result.notes)
     static_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "static"), ruleset.vars, ruleset.files)
     dynamic_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "dynamic"), ruleset.vars, ruleset.files)
     outcomes = evaluate(static_rules, static_subjects(static))
@@ -165,44 +173,79 @@ def audit(
     return AuditResult(summary, static, ruleset, outcomes, decide_gate(outcomes, fail_on, dyn_result), notes, dyn_result, recommendation)
 
 
-def _run_dynamic(
-    checkpoint: str | os.PathLike,
-    plan: DynamicPlan,
-    settings: list,
-    ruleset: RuleSet,
-    device: torch.device,
-    progress: BurstProgress | None,
-) -> DynamicResult:
-    from .model import build_model, checked_loss, load_calibration, resolve_loss, split_batch
+@dataclass
+class _PreparedDynamic:
+    """The model, batches and loss, built and checked before the static pass."""
 
+    loaded: LoadedModel
+    train: Batch
+    val: Batch
+    val_source: str
+    loss_name: str
+    loss_fn: LossFn
+
+
+def _prepare_dynamic(checkpoint: str | os.PathLike, plan: DynamicPlan, device: torch.device) -> _PreparedDynamic:
+    """Cheapest failures first: the loss spec, then the data (a tokenizer needs no model),
+    then the model, then the loss on the data; all before the static pass and the burst."""
+    from .model import build_model, load_calibration, resolve_loss, split_batch, user_loss, verify_loss
+    from .model.data import TEXT_SUFFIXES
+    from .model.hf import optional_tokenizer
+
+    user = user_loss(plan.loss)
+    # a user's loss or model reads the batch: any named tensors sharing the example dimension
+    user_batch = user is not None or plan.model is not None
+    files = [plan.calib] + ([plan.val] if plan.val is not None else [])
+    tokenizer = None
+    if any(Path(f).suffix.lower() in TEXT_SUFFIXES for f in files):
+        with open_checkpoint(checkpoint) as ckpt:  # headers only
+            kind, path = ckpt.kind, ckpt.path
+        tokenizer = optional_tokenizer(path) if kind == "hf" else None
+
+    def load(path: str) -> Batch:
+        return load_calibration(path, tokenizer=tokenizer, max_length=plan.max_length, device=device, user_batch=user_batch)
+
+    batch = load(plan.calib)
+    if plan.val is not None:
+        train, val = batch, load(plan.val)
+        val_source = plan.val
+    else:
+        train, val = split_batch(batch, 0.25, plan.burst.seed)
+        val_source = f"25% of {plan.calib} (seed {plan.burst.seed})"
     loaded = build_model(checkpoint, plan.model, device)
     if loaded is None:
         raise UsageError(
             f"{checkpoint}: --calib needs an architecture: a Hugging Face directory (config.json beside the weights) "
             "or --model module:factory"
         )
-    batch = load_calibration(plan.calib, tokenizer=loaded.tokenizer, max_length=plan.max_length, device=device)
-    if plan.val is not None:
-        train = batch
-        val = load_calibration(plan.val, tokenizer=loaded.tokenizer, max_length=plan.max_length, device=device)
-        val_source = plan.val
-    else:
-        train, val = split_batch(batch, 0.25, plan.burst.seed)
-        val_source = f"25% of {plan.calib} (seed {plan.burst.seed})"
-    loss_name, loss_fn = resolve_loss(plan.loss, loaded, train)
-    checked_loss(loss_fn, loaded, train, name=loss_name)
+    loss_name, loss_fn = user if user is not None else resolve_loss(plan.loss, loaded, train)
+    verify_loss(
+        loss_fn, loaded, train, val, name=loss_name, micro_batch=plan.burst.micro_batch,
+        train_where=f"the calibration batch ({plan.calib})",
+        val_where=f"the held-out batch ({plan.val})" if plan.val is not None else f"the held-out part of {plan.calib}",
+    )
+    return _PreparedDynamic(loaded, train, val, val_source, loss_name, loss_fn)
+
+
+def _run_dynamic(
+    prepared: _PreparedDynamic,
+    plan: DynamicPlan,
+    settings: list,
+    ruleset: RuleSet,
+    progress: BurstProgress | None,
+) -> DynamicResult:
     psi_target = ruleset.vars.get("psi_target", plan.burst.psi_target)
     options = replace(plan.burst, psi_target=float(psi_target))  # type: ignore[arg-type]
     return run_sweep(
-        loaded.module,
+        prepared.loaded.module,
         settings=settings,
-        loss_fn=loss_fn,
-        loss_name=loss_name,
-        train=train,
-        val=val,
+        loss_fn=prepared.loss_fn,
+        loss_name=prepared.loss_name,
+        train=prepared.train,
+        val=prepared.val,
         options=options,
-        model_source=loaded.source,
+        model_source=prepared.loaded.source,
         calib=plan.calib,
-        val_source=val_source,
+        val_source=prepared.val_source,
         progress=progress,
     )

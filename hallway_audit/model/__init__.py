@@ -12,9 +12,9 @@ ResourceError, CheckpointError) with one-line messages; nothing is downloaded.
 
 from .build import build_model
 from .call import call_model, logits_of, loss_of, model_inputs
-from .data import Batch, MicroBatches, batch_size, load_calibration, split_batch, take, to_device
+from .data import Batch, MicroBatches, batch_size, load_calibration, split_batch, take, to_device, token_count
 from .loaded import LoadedModel, forward_names
-from .losses import LOSSES, LossFn, LossSpec, checked_loss, register_loss, resolve_loss
+from .losses import LOSSES, LossFn, LossSpec, checked_loss, register_loss, resolve_loss, user_loss, verify_loss
 
 __all__ = [
     "LOSSES",
@@ -37,4 +37,7 @@ __all__ = [
     "split_batch",
     "take",
     "to_device",
+    "token_count",
+    "user_loss",
+    "verify_loss",
 ]

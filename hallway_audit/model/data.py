@@ -4,6 +4,13 @@ A batch is a plain dict of tensors sharing a leading example dimension, so a
 user's custom loss can index it without learning a class. Every check that can
 be made without the model is made here, at load time, so a malformed file fails
 before any model is built or step is taken.
+
+Two kinds of batch: the built-in losses read known keys (input_ids,
+attention_mask, labels or inputs, targets), which are checked by name; with a
+user's loss function or a --model factory the batch is the user's (any named
+numeric tensors, e.g. a_input_ids / b_input_ids for pairs), and only what every
+batch must satisfy is checked: one shared, non-empty leading dimension, numbers,
+finite values.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import math
 import os
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +34,7 @@ from ..checkpoint.base import one_line, shown
 from .loaded import parse_device
 
 Batch = dict[str, torch.Tensor]
+BatchView = Mapping[str, torch.Tensor]  # what reading a batch needs (the probe passes Mappings)
 
 INPUT_KEYS = ("input_ids", "inputs")  # at least one must be present
 KNOWN_KEYS = ("input_ids", "attention_mask", "labels", "inputs", "targets")
@@ -43,6 +52,7 @@ def load_calibration(
     tokenizer: Any | None = None,
     max_length: int = 128,
     device: str | torch.device = "cpu",
+    user_batch: bool = False,
 ) -> Batch:
     """The calibration batch in `path`, validated, on `device`.
 
@@ -52,6 +62,8 @@ def load_calibration(
     cross-entropy take), floating ones float32 (the model runs in float32).
     Text (.txt: a line per example; .jsonl: {"text": ...} per line) is
     tokenized with `tokenizer`, padded to the longest, truncated at max_length.
+    With `user_batch` (a user's loss or model reads the batch) any named
+    numeric tensors are accepted: see `validate`.
     """
     p = Path(os.fspath(path))
     where = shown(p)
@@ -67,7 +79,7 @@ def load_calibration(
     else:
         known = ", ".join(TENSOR_SUFFIXES + TEXT_SUFFIXES)
         raise DataError(f"{where}: unknown calibration format {p.suffix or '(no extension)'!r} (expected {known})")
-    validate(batch, where)
+    validate(batch, where, user_batch=user_batch)
     return to_device(batch, device)
 
 
@@ -171,14 +183,21 @@ def _tokenize(texts: list[str], tokenizer: Any | None, max_length: int, where: s
 # -- validation ----------------------------------------------------------------
 
 
-def validate(batch: Batch, where: str = "calibration batch") -> None:
-    """Non-empty, an input key, one leading dimension, finite floats, masks shaped like ids."""
+def validate(batch: Batch, where: str = "calibration batch", *, user_batch: bool = False) -> None:
+    """Non-empty tensors sharing one leading dimension, finite floats; for the built-in
+    losses (not `user_batch`) also an input key and masks shaped like ids.
+
+    A user's loss decides what its keys mean, so only the promises every batch
+    keeps (MicroBatches, split_batch and the evaluation batch index examples along
+    dimension 0) are checked for it.
+    """
     if not batch:
         raise DataError(f"{where}: no tensors in the calibration file")
-    if not any(k in batch for k in INPUT_KEYS):
+    if not user_batch and not any(k in batch for k in INPUT_KEYS):
         raise DataError(
             f"{where}: no input_ids or inputs tensor (found: {', '.join(sorted(batch))}); expected "
-            "input_ids, attention_mask, labels or inputs, targets"
+            "input_ids, attention_mask, labels or inputs, targets, or pass --loss file.py:fn to "
+            "train on other named tensors"
         )
     scalars = [k for k, v in batch.items() if v.dim() == 0]
     if scalars:
@@ -189,9 +208,12 @@ def validate(batch: Batch, where: str = "calibration batch") -> None:
         raise DataError(f"{where}: tensors disagree on the number of examples (leading dimension): {shapes}")
     if next(iter(leading.values())) == 0:
         raise DataError(f"{where}: no examples (leading dimension 0)")
+    empty = [f"{k} {tuple(v.shape)}" for k, v in batch.items() if v.numel() == 0]
+    if empty:
+        raise DataError(f"{where}: {', '.join(empty)} holds no values (a dimension of size 0)")
     ids = batch.get("input_ids")
     mask = batch.get("attention_mask")
-    if ids is not None and mask is not None and mask.shape != ids.shape:
+    if not user_batch and ids is not None and mask is not None and mask.shape != ids.shape:
         raise DataError(
             f"{where}: attention_mask {tuple(mask.shape)} is not shaped like input_ids {tuple(ids.shape)}"
         )
@@ -207,11 +229,35 @@ def validate(batch: Batch, where: str = "calibration batch") -> None:
 # -- batch helpers -------------------------------------------------------------
 
 
-def batch_size(batch: Batch) -> int:
+def batch_size(batch: BatchView) -> int:
     """The number of examples (the shared leading dimension)."""
     if not batch:
         raise DataError("calibration batch is empty (no tensors)")
     return int(next(iter(batch.values())).shape[0])
+
+
+def token_keys(batch: BatchView) -> list[str]:
+    """Keys holding token ids: input_ids and any *_input_ids (a_input_ids, b_input_ids of pairs)."""
+    return [k for k in batch if k == "input_ids" or k.endswith("_input_ids")]
+
+
+def token_count(batch: BatchView) -> int:
+    """Tokens a gradient rests on: every token-id tensor's tokens, counted by its attention
+    mask (the key with the same prefix) when there is one; examples when there are no ids.
+
+    A linear layer's gradient is a sum of one outer product per token it sees, so a
+    pair batch's rank bound is the tokens of both sides.
+    """
+    keys = token_keys(batch)
+    if not keys:  # e.g. inputs + attention_mask: the mask still counts the tokens
+        masks = [v for k, v in batch.items() if k == "attention_mask" or k.endswith("_attention_mask")]
+        return sum(int(m.sum()) for m in masks) if masks else batch_size(batch)
+    total = 0
+    for key in keys:
+        ids = batch[key]
+        mask = batch.get(key[: -len("input_ids")] + "attention_mask")
+        total += int(mask.sum()) if mask is not None and mask.shape == ids.shape else ids.numel()
+    return total
 
 
 def to_device(batch: Batch, device: str | torch.device) -> Batch:
@@ -219,7 +265,7 @@ def to_device(batch: Batch, device: str | torch.device) -> Batch:
     return {k: v.to(dev) for k, v in batch.items()}
 
 
-def take(batch: Batch, index: torch.Tensor) -> Batch:
+def take(batch: BatchView, index: torch.Tensor) -> Batch:
     """The examples at `index` (a 1-d int64 tensor on any device)."""
     return {k: v[index.to(v.device)] for k, v in batch.items()}
 
@@ -251,7 +297,7 @@ class MicroBatches:
     has exactly `size` distinct examples. `size` above N is clamped to N.
     """
 
-    def __init__(self, batch: Batch, size: int, seed: int) -> None:
+    def __init__(self, batch: BatchView, size: int, seed: int) -> None:
         if size < 1:
             raise UsageError(f"micro-batch size must be at least 1, got {size}")
         self.batch = batch
@@ -275,7 +321,7 @@ class MicroBatches:
     def next(self) -> Batch:
         return take(self.batch, self.next_index())
 
-    def full(self) -> Batch:
+    def full(self) -> BatchView:
         return self.batch
 
     def __len__(self) -> int:

@@ -8,6 +8,7 @@ import path as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -59,10 +60,8 @@ def _load_file(path: Path, spec: str, option: str, error: type[HallwayError]) ->
             raise error(f"{option} {spec!r}: importing {path} failed: {type(exc).__name__}: {one_line(exc)}") from exc
         raise
     finally:
-        try:
+        with contextlib.suppress(ValueError):  # the user's code removed it itself
             sys.path.remove(directory)
-        except ValueError:  # the user's code removed it itself
-            pass
     return module
 
 
@@ -83,11 +82,11 @@ def import_object(
     """The object `spec` names; `error` is the class raised when it cannot be found."""
     target, attr = parse_spec(spec, option, what)
     obj: Any = _import(target, spec, option, error)
+    missing = object()
     for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError as exc:
-            raise error(f"{option} {spec!r}: {target!r} has no attribute {attr!r}") from exc
+        obj = getattr(obj, part, missing)
+        if obj is missing:
+            raise error(f"{option} {spec!r}: {target!r} has no attribute {attr!r}")
     if not callable(obj):
         raise error(f"{option} {spec!r}: {attr!r} is a {type(obj).__name__}, not callable")
     return obj

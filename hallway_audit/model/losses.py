@@ -8,6 +8,7 @@ loop); `checked_loss` validates once, up front, with errors a user can act on.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,12 +19,12 @@ from torch import nn
 from hallway_audit.errors import DataError, HallwayError, ResourceError, UnknownNameError, UsageError
 
 from ..checkpoint.base import one_line
-from .call import call_model, check_fits, logits_of, loss_of
-from .data import IGNORE_INDEX, Batch
+from .call import LOSS_HINT, call_model, check_fits, logits_of, loss_of
+from .data import IGNORE_INDEX, BatchView, batch_size, take
 from .factory import import_object
 from .loaded import OUT_OF_MEMORY, LoadedModel, forward_names
 
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+LossFn = Callable[[nn.Module, BatchView], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ def register_loss(
 # -- the built-in losses -------------------------------------------------------
 
 
-def causal_lm(module: nn.Module, batch: Batch) -> torch.Tensor:
+def causal_lm(module: nn.Module, batch: BatchView) -> torch.Tensor:
     """Next-token cross-entropy, mean over scored tokens, computed exactly as transformers does.
 
     Labels are batch["labels"] if present, else input_ids with padding
@@ -81,7 +82,7 @@ def causal_lm(module: nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
-def cross_entropy(module: nn.Module, batch: Batch) -> torch.Tensor:
+def cross_entropy(module: nn.Module, batch: BatchView) -> torch.Tensor:
     """Cross-entropy of logits against integer `labels`: one class per example or per token."""
     labels = batch["labels"]
     if labels.is_floating_point():
@@ -100,7 +101,7 @@ def cross_entropy(module: nn.Module, batch: Batch) -> torch.Tensor:
     )
 
 
-def mse(module: nn.Module, batch: Batch) -> torch.Tensor:
+def mse(module: nn.Module, batch: BatchView) -> torch.Tensor:
     """Mean squared error of the output against `targets`; shapes must match exactly (no broadcasting)."""
     targets = batch["targets"]
     prediction = logits_of(call_model(module, batch))
@@ -112,7 +113,7 @@ def mse(module: nn.Module, batch: Batch) -> torch.Tensor:
     return F.mse_loss(prediction.float(), targets.float())
 
 
-def model_loss(module: nn.Module, batch: Batch) -> torch.Tensor:
+def model_loss(module: nn.Module, batch: BatchView) -> torch.Tensor:
     """The model's own `.loss`, with every batch key its forward takes (labels included)."""
     return loss_of(call_model(module, batch, exclude=()))
 
@@ -142,7 +143,7 @@ def _parts(model: LoadedModel | nn.Module) -> tuple[nn.Module, str, tuple[str, .
     return model, "factory", forward_names(model)
 
 
-def auto_loss(kind: str, input_names: tuple[str, ...], batch: Batch) -> str:
+def auto_loss(kind: str, input_names: tuple[str, ...], batch: BatchView) -> str:
     """The loss used without --loss; first rule that applies wins.
 
     1. `targets` in the batch          -> mse
@@ -164,16 +165,55 @@ def auto_loss(kind: str, input_names: tuple[str, ...], batch: Batch) -> str:
     )
 
 
+def callable_name(fn: object) -> str:
+    """How a loss passed as a Python function is named in the report: module:qualname."""
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"{module}:{qualname}" if module else str(qualname)
+
+
+def user_loss(spec: str | LossFn | None) -> tuple[str, LossFn] | None:
+    """(name, function) when `spec` is the user's loss: a callable, or module:function /
+    file.py:function (imported here, so a typo fails before any data or model is
+    loaded); None for a built-in name or no --loss. An unknown name is a UsageError."""
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        if not callable(spec):
+            raise UsageError(
+                f"loss must be a name ({', '.join(LOSSES)}), module:function or a function, not a {type(spec).__name__}"
+            )
+        return callable_name(spec), spec
+    if spec in LOSSES:
+        return None
+    if ":" in spec:
+        return spec, import_object(spec, option="--loss", what="function", error=UsageError)
+    raise UnknownNameError("loss", spec, [*LOSSES, "module:function"])
+
+
+def _headless(module: nn.Module, kind: str) -> bool:
+    """A transformers base model (BertModel, LlamaModel): no head, so no logits and no loss."""
+    return kind == "hf" and getattr(module, "base_model", None) is module
+
+
 def resolve_loss(
-    spec: str | None, model: LoadedModel | nn.Module, batch: Batch
+    spec: str | LossFn | None, model: LoadedModel | nn.Module, batch: BatchView
 ) -> tuple[str, LossFn]:
-    """(name shown in the report, function) for --loss `spec` (None: chosen by auto_loss)."""
-    _, kind, names = _parts(model)
-    if spec is not None and spec not in LOSSES:
-        if ":" in spec:
-            return spec, import_object(spec, option="--loss", what="function", error=UsageError)
-        raise UnknownNameError("loss", spec, [*LOSSES, "module:function"])
-    name = spec if spec is not None else auto_loss(kind, names, batch)
+    """(name shown in the report, function) for --loss `spec` (None: chosen by auto_loss).
+
+    `spec` is a registered name, module:function / file.py:function, or a Python
+    function fn(model, batch) -> scalar tensor.
+    """
+    user = user_loss(spec)
+    if user is not None:
+        return user
+    module, kind, names = _parts(model)
+    if spec is None and _headless(module, kind):
+        raise UsageError(
+            f"{type(module).__name__} has no head: it returns hidden states, not logits or a loss, "
+            f"so no built-in loss applies; pass {LOSS_HINT}"
+        )
+    name = spec if isinstance(spec, str) else auto_loss(kind, names, batch)
     for alternatives in LOSSES[name].needs:
         if not any(key in batch for key in alternatives):
             raise DataError(
@@ -184,9 +224,15 @@ def resolve_loss(
 
 
 def checked_loss(
-    fn: LossFn, model: LoadedModel | nn.Module, batch: Batch, *, name: str | None = None
+    fn: LossFn,
+    model: LoadedModel | nn.Module,
+    batch: BatchView,
+    *,
+    name: str | None = None,
+    where: str = "the calibration batch",
 ) -> torch.Tensor:
-    """fn(module, batch), verified once: a finite 0-d tensor that depends on the parameters.
+    """fn(module, batch), verified once: a finite 0-d tensor that depends on the parameters
+    (the last only while gradients are enabled).
 
     Any failure inside the loss (shapes that don't fit the model, a user
     function's bug) becomes a one-line DataError naming the loss; out of
@@ -194,7 +240,7 @@ def checked_loss(
     """
     module, _, _ = _parts(model)
     what = f"loss {name!r}" if name else "loss"
-    check_fits(module, batch)
+    check_fits(module, batch, where)
     try:
         loss = fn(module, batch)
     except HallwayError:
@@ -202,9 +248,7 @@ def checked_loss(
     except OUT_OF_MEMORY as exc:
         raise ResourceError(f"out of memory computing {what}: {one_line(exc)}") from exc
     except Exception as exc:
-        raise DataError(
-            f"{what} failed on the calibration batch: {type(exc).__name__}: {one_line(exc)}"
-        ) from exc
+        raise DataError(f"{what} failed on {where}: {type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(loss, torch.Tensor):
         raise DataError(f"{what} returned a {type(loss).__name__}, not a torch.Tensor")
     if loss.dim() != 0:
@@ -212,13 +256,74 @@ def checked_loss(
             f"{what} is not a scalar: shape {tuple(loss.shape)} (reduce it with .mean() or .sum())"
         )
     value = float(loss.detach())
-    if value != value:
-        raise DataError(f"{what} is NaN on the calibration batch")
+    if math.isnan(value):
+        raise DataError(f"{what} is NaN on {where}")
     if value in (float("inf"), float("-inf")):
-        raise DataError(f"{what} is {value} on the calibration batch")
+        raise DataError(f"{what} is {value} on {where}")
     trainable = any(p.requires_grad for p in module.parameters())
     if torch.is_grad_enabled() and trainable and not loss.requires_grad:
         raise DataError(
             f"{what} does not depend on the model's parameters (no gradient flows to them)"
         )
     return loss
+
+
+# Built-in losses whose integer labels index the model's last output dimension.
+_CLASS_LABELS = ("causal_lm", "cross_entropy", "model_loss")
+
+
+def check_labels(module: nn.Module, batch: BatchView, name: str, where: str) -> None:
+    """Integer labels of a built-in loss inside the model's outputs (or -100, ignored).
+
+    Cross-entropy past the last class is an IndexError on the CPU and a device-side
+    assert on CUDA; one forward of one example tells the class count.
+    """
+    labels = batch.get("labels")
+    if name not in _CLASS_LABELS or labels is None or labels.is_floating_point():
+        return
+    try:
+        with torch.no_grad():
+            classes = logits_of(call_model(module, take(batch, torch.arange(1)))).shape[-1]
+    except Exception:  # the loss check names what is wrong with the output
+        return
+    scored = labels[labels != IGNORE_INDEX]
+    if scored.numel() == 0:
+        return
+    low, high = int(scored.min()), int(scored.max())
+    if low < 0 or high >= classes:
+        bad = high if high >= classes else low
+        raise DataError(
+            f"{where}: labels hold {bad}, outside the model's {classes} outputs (0..{classes - 1}, or "
+            f"{IGNORE_INDEX} to ignore a position)"
+        )
+
+
+def verify_loss(
+    fn: LossFn,
+    model: LoadedModel | nn.Module,
+    train: BatchView,
+    val: BatchView | None,
+    *,
+    name: str,
+    micro_batch: int,
+    train_where: str = "the calibration batch",
+    val_where: str = "the held-out batch",
+) -> None:
+    """Everything the burst will ask of the loss, checked before any expensive work.
+
+    Token ids and class labels of both batches against the model; the full check
+    (finite scalar, depends on the parameters) on the first micro-batch, which
+    fails in a fraction of a second; then every example of both batches without
+    gradients, so a bad example is a DataError here rather than a crash mid-burst.
+    """
+    module, _, _ = _parts(model)
+    for batch, where in ((train, train_where), (val, val_where)):
+        if batch is not None:
+            check_fits(module, batch, where)
+            check_labels(module, batch, name, where)
+    first = take(train, torch.arange(min(micro_batch, batch_size(train))))
+    checked_loss(fn, model, first, name=name, where=train_where)
+    with torch.no_grad():
+        checked_loss(fn, model, train, name=name, where=train_where)
+        if val is not None:
+            checked_loss(fn, model, val, name=name, where=val_where)

@@ -7,7 +7,7 @@ supplies the tensors its forward should see, so nothing is deep-copied.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -55,13 +55,18 @@ class LossEvaluator:
         self.forwards += 1
         return self._checked(float(self._call(weights, batch)), what)
 
-    def loss_and_grad(self, weights: Mapping[str, Tensor], batch: Batch, what: str = "") -> tuple[float, dict[str, Tensor]]:
-        """dL/dW for every weight given (the realized weights, as leaves)."""
-        leaves = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
+    def loss_and_grad(
+        self, weights: Mapping[str, Tensor], batch: Batch, what: str = "", wrt: Collection[str] | None = None
+    ) -> tuple[float, dict[str, Tensor]]:
+        """dL/dW for every weight given (the realized weights, as leaves), or for those in `wrt`
+        only (the others enter the forward as constants, so autograd skips their gradients)."""
+        chosen = set(weights) if wrt is None else set(wrt)
+        inputs = {k: v.detach().requires_grad_(k in chosen) for k, v in weights.items()}
+        leaves = {k: v for k, v in inputs.items() if k in chosen}
         self.forwards += 1
         self.backwards += 1
         with torch.enable_grad():
-            loss = self._call(leaves, batch)
+            loss = self._call(inputs, batch)
             value = self._checked(float(loss.detach()), what)
             grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
         return value, {k: (g if g is not None else torch.zeros_like(leaves[k])) for k, g in zip(leaves, grads, strict=True)}

@@ -1,6 +1,6 @@
 """What one probe burst measured: per-step records, per-layer tallies, summaries.
 
-Summaries follow SPEC §4: means over the burst's steps (and the minimum for beta);
+Summaries follow docs/definitions.md §5.7: means over the burst's steps (and the minimum for beta);
 p_t pools the samples of every measured state, with its Wilson interval.
 """
 
@@ -42,24 +42,35 @@ class LayerDynamics:
     matrix_rank: int | None = None
     planned_rank: int | None = None
     update_norms: list[float] = field(default_factory=list)
+    # Any nonzero gradient in the split's gradient at the start or a step's micro-batch
+    # gradient. A layer the loss never reaches (BERT's pooler under a mean-pooling loss)
+    # cannot move whatever the format: its crossings say nothing about the plan.
+    grad_seen: bool = False
+
+    @property
+    def no_grad(self) -> bool:
+        """Exactly zero gradient under this loss, everywhere it was measured."""
+        return not self.grad_seen
 
     def metrics(self, surrogate: Rate | None, realized: Rate | None) -> dict[str, object]:
         total = int(self.hist.sum())
         above = int(self.hist[HIST_LABELS.index("1/2-1"):].sum())
         betas = [b for b in self.beta if b is not None]
+        moves = self.trainable and self.grad_seen  # crossings are measured only where a gradient is
         out: dict[str, object] = {
+            "no_grad": self.no_grad,
             "psi": _mean(self.psi),
             "psi_rank": self.psi_rank,
-            "psi_star": {str(k): v for k, v in self.psi_star.items()},
+            "psi_star": {str(k): v for k, v in self.psi_star.items()} if self.grad_seen else {},
             "r_star": self.r_star,
-            "beta": _mean(self.beta) if self.trainable else None,
-            "beta_min": min(betas) if betas and self.trainable else None,
-            "beta_proposed": _mean(self.beta_proposed) if self.trainable else None,
-            "beta_adapter": _mean(self.beta_adapter),
+            "beta": _mean(self.beta) if moves else None,
+            "beta_min": min(betas) if betas and moves else None,
+            "beta_proposed": _mean(self.beta_proposed) if moves else None,
+            "beta_adapter": _mean(self.beta_adapter) if self.grad_seen else None,
             "beta_eff_elem": _mean(self.beta_eff_elem),
             "ulp_hist": {label: _ratio(int(c), total) for label, c in zip(HIST_LABELS, self.hist.tolist(), strict=True)} if total else None,
-            "ulp_mass_above_half": _ratio(above, total) if self.trainable else None,
-            "p_t_surrogate": surrogate.p if surrogate else None,
+            "ulp_mass_above_half": _ratio(above, total) if moves else None,
+            "p_t_surrogate": surrogate.p if surrogate and self.grad_seen else None,
         }
         if realized is not None:
             lo, hi = realized.interval

@@ -14,6 +14,10 @@ is a weighted mean of per-example terms (token mean, example mean), and the prop
 normalizes g_b, so the multiple cancels. Whether a loss is of that form is checked,
 not assumed: the caller compares the first micro-batch at each state against a
 direct gradient (`agrees_with`) and falls back to direct gradients when it differs.
+A loss that couples examples (in-batch contrastive: each example's term depends on
+the others) fails that check at every state and in every setting, so the first
+failure is remembered (`SharesVerdict`) and later states record no shares at all.
+Every fallback carries its reason, reported with p_t as `g_b_reason`.
 """
 
 from __future__ import annotations
@@ -32,6 +36,27 @@ _SEP = "::"
 AGREEMENT = 1e-3
 
 
+COUPLED = (
+    "per-example shares disagree with the micro-batch gradient (the loss couples examples, e.g. "
+    "in-batch contrastive); p_t uses a direct backward per sample (slower)"
+)
+NOT_LORA = "full and sparse settings take a direct backward per sample (their per-example shares would be model-sized)"
+NOT_LINEAR = "a LoRA target is not an nn.Linear weight: p_t takes a direct backward per sample"
+FOLDED = "a LoRA target layer does not see the examples in its first dimension: p_t takes a direct backward per sample"
+
+
+class SharesVerdict:
+    """What the agreement check found about the loss, shared by every state and setting of a
+    sweep: once a loss is found to couple examples, no later state records shares."""
+
+    def __init__(self) -> None:
+        self.coupled = False
+
+    @property
+    def reason(self) -> str | None:
+        return COUPLED if self.coupled else None
+
+
 class ExampleShares:
     """Per-example phi gradients of a LoRA setting's adapters, recorded by hooks."""
 
@@ -46,15 +71,20 @@ class ExampleShares:
     def supported(module: nn.Module, real: Realization) -> bool:
         """LoRA on nn.Linear weights only: full and sparse settings train parameters whose
         per-example gradients would cost examples x their size."""
+        return ExampleShares.unsupported_reason(module, real) is None
+
+    @staticmethod
+    def unsupported_reason(module: nn.Module, real: Realization) -> str | None:
+        """Why this setting's g_b cannot come from shares; None when it can."""
         if real.kind != "lora" or not real.lora:
-            return False
+            return NOT_LORA
         for name in real.lora:
             info = real.info[name]
             if name != (f"{info.layer}.weight" if info.layer else "weight"):
-                return False
+                return NOT_LINEAR
             if not isinstance(module.get_submodule(info.layer), nn.Linear):
-                return False
-        return True
+                return NOT_LINEAR
+        return None
 
     def _accumulate(self, name: str, x: Tensor, delta: Tensor) -> None:
         if x.shape[0] != self.examples or delta.shape[0] != self.examples:

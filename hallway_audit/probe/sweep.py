@@ -7,7 +7,7 @@ supplies its own weights to the one module through functional_call.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -17,6 +17,7 @@ from .burst import BurstOptions, BurstProgress, run_burst, token_count
 from .engine import Batch, LossFn
 from .result import SettingResult
 from .settings import Setting
+from .shares import SharesVerdict
 from .targets import param_dict, parameter_universe
 
 
@@ -33,6 +34,7 @@ class DynamicResult:
     device: str
     settings: list[SettingResult]
     seconds: float
+    notes: list[str] = field(default_factory=list)  # for the report's notes: slow paths taken and why
 
 
 def run_sweep(
@@ -53,8 +55,10 @@ def run_sweep(
     params = parameter_universe(module)
     base = param_dict(module)
     device = str(next(iter(base.values())).device)
+    verdict = SharesVerdict()  # one loss for every setting: coupling found once holds for all
     results = [
-        run_burst(s, module, loss_fn, loss_name, params, base, train, val, options, progress) for s in settings
+        run_burst(s, module, loss_fn, loss_name, params, base, train, val, options, progress, verdict)
+        for s in settings
     ]
     return DynamicResult(
         model_source=model_source,
@@ -68,7 +72,21 @@ def run_sweep(
         device=device,
         settings=results,
         seconds=time.perf_counter() - start,
+        notes=slow_path_notes(results),
     )
+
+
+def slow_path_notes(results: list[SettingResult]) -> list[str]:
+    """One note per reason a LoRA setting's p_t took direct gradients where shares were
+    expected (full and sparse settings always do; that is no news)."""
+    by_reason: dict[str, list[str]] = {}
+    for r in results:
+        if r.setting.subspace.kind != "lora":
+            continue
+        for state in r.pt:
+            if state.g_b == "direct" and state.g_b_reason and r.id not in by_reason.get(state.g_b_reason, []):
+                by_reason.setdefault(state.g_b_reason, []).append(r.id)
+    return [f"p_t g_b of {', '.join(ids)}: {reason}" for reason, ids in by_reason.items()]
 
 
 def resolve_device(spec: str) -> torch.device:
