@@ -204,7 +204,7 @@ def test_edge_case(name, case, x, q, ulp, cid):
 
 
 def test_ml_dtypes_would_overflow_where_we_saturate():
-    """Documented divergence: ml_dtypes casts overflow to inf/NaN, the spec saturates."""
+    """Documented divergence: ml_dtypes casts overflow to inf/NaN, we saturate (docs/definitions.md §2.3)."""
     x = np.array([465.0, 1e6], np.float32)
     assert np.isnan(cast("fp8_e4m3", x)).all()
     assert get_format("fp8_e4m3").quantize(t(x)).tolist() == [448.0, 448.0]

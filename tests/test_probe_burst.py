@@ -1,4 +1,4 @@
-"""Known answers for probe bursts (SPEC §4), run through the library on tiny models.
+"""Known answers for probe bursts (docs/definitions.md §4 to §6), run through the library on tiny models.
 
 Each test builds a model whose answer is known in closed form: a loss linear in the
 weights (constant gradient C: psi_star is C's spectrum; half of all uniform moves
@@ -392,7 +392,7 @@ def linear_in_every_parameter(model: nn.Module, seed: int = 31):
 
 
 def test_sgd_update_norm_and_p_t_radii_on_a_linear_loss(monkeypatch):
-    """R = the median optimizer update norm (SPEC §4); per layer, the median of that layer's
+    """R = the median optimizer update norm (docs/definitions.md §6.1); per layer, the median of that layer's
     (weight and bias together) update norms."""
     calls = []
     real_measure = burst_module.measure_pt

@@ -1,4 +1,4 @@
-"""Known answers for the probe's pure math (SPEC §4): psi_star / r_star, the LoRA tangent
+"""Known answers for the probe's pure math (docs/definitions.md §5, §6): psi_star / r_star, the LoRA tangent
 projection, sparsity masks, the Wilson interval, and how settings, plans and PEFT configs
 become the grid of settings. No model is run here except through Realization on tiny ones.
 """

@@ -1,5 +1,5 @@
 """Number formats ("lattices"): ulp, quantize and cell ids for every format the
-audit knows, exact against ml_dtypes for the floats. See SPEC.md section 3.
+audit knows, exact against ml_dtypes for the floats. See docs/definitions.md §2.
 
     fmt = get_format("mxfp4")
     lat = fmt.at(weight)            # scales computed once from `weight`

@@ -12,8 +12,8 @@ scale exponents use torch.frexp, and powers of two are built from their bit
 pattern (exact on every device, unlike pow()).
 
 Saturation: values beyond max_finite (and +-inf) go to +-max_finite, even for
-formats that have an inf (e5m2, fp16, bf16, fp32): the spec asks for saturating
-casts, which is what fp8 training recipes use.
+formats that have an inf (e5m2, fp16, bf16, fp32): saturating casts are what fp8
+training recipes use (docs/definitions.md §2.3).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ to the upper level only when strictly greater (`x > threshold`), so an exact tie
 goes to the LOWER level. Blocks of 64 over the flattened tensor, scale = block
 absmax (fp32), floored at 2^-126 so all-zero blocks stay finite (see integer.py).
 One deliberate difference: bitsandbytes multiplies by a rounded 1/absmax, we
-divide by absmax (the spec's x / scale), which can move a value lying within one
+divide by absmax (x / scale, docs/definitions.md §2.7), which can move a value lying within one
 fp32 ulp of a threshold to the other side.
 
 ulp at y is the gap of the bracket [L_i, L_{i+1}) containing y (so at a level,

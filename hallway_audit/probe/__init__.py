@@ -1,4 +1,5 @@
-"""The dynamic audit: probe bursts of real optimizer steps under each setting (SPEC §4)."""
+"""The dynamic audit: probe bursts of real optimizer steps under each setting
+(docs/definitions.md §4 to §6)."""
 
 from .burst import BurstOptions, run_burst
 from .plan import apply_peft_config, load_plan

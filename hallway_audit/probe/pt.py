@@ -3,7 +3,7 @@
 A move u lives in the update subspace S (in weight space), has norm R (the median
 optimizer update norm of the burst) and is quantized: u_q = Q(theta + u) - theta.
 It is a descent move when the realized (quantized) loss drops: a finite difference,
-not the surrogate gradient. Proposals (SPEC §4):
+not the surrogate gradient. Proposals (docs/definitions.md §6.2, §6.3):
 
 * optimizer: u = -R * normalize(normalize(D g_b) + sigma * normalize(z)), with g_b
   the gradient of a freshly resampled micro-batch for every sample (so samples

@@ -1,4 +1,5 @@
-"""The static audit: figures from the weights alone, no data, no architecture (SPEC §5)."""
+"""The static audit: figures from the weights alone, no data, no architecture
+(docs/definitions.md §3)."""
 
 from .audit import run_static
 from .result import LayerResult, StaticResult, TensorEntry
