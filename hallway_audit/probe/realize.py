@@ -21,7 +21,7 @@ LoRA follows PEFT / QLoRA by default: the base is frozen on the weight format an
 the forward sees Q(W0) + s B A, with the adapters stored in their own format
 (fp32 unless PrecisionStack.adapters says otherwise). Subspace.base = "merged" rounds
 W0 + s B A onto the format instead (a merged low-precision deployment).
-See docs/definitions.md §4.1.
+See docs/definitions.md §4.2 and §4.3.
 """
 
 from __future__ import annotations

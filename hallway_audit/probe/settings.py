@@ -42,7 +42,7 @@ class PrecisionStack:
     activations: str | None = None
     rounding: Rounding = "nearest"
     master_weights: Master = "fp32"
-    # Which parameters the weight format applies to (docs/definitions.md §3.4):
+    # Which parameters the weight format applies to (docs/definitions.md §4.3):
     # "auto" follows the frameworks (bf16/fp16 cast every parameter; fp8, fp6, fp4,
     # int, nf4 and MX formats quantize linear-layer weights only), "linear" / "all"
     # force one or the other ("all" is the behaviour of hallway-audit 0.3).
