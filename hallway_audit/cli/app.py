@@ -32,6 +32,7 @@ def cli() -> None:
       hallway-audit rules validate FILE...      check rule files
       hallway-audit rules list [FILE...]        show the rules of bundled or given files
       hallway-audit formats                     the number formats and their lattices
+      hallway-audit render REPORT.json          a saved JSON report in another format
 
     Exit codes: 0 gate passed, 1 gate failed, 2 usage error, 3 unreadable
     checkpoint, 4 invalid rule file, 5 report not written, 6 out of memory,
@@ -40,4 +41,4 @@ def cli() -> None:
     """
 
 
-from . import audit_cmd, formats_cmd, rules_cmd  # noqa: E402,F401  (register subcommands)
+from . import audit_cmd, formats_cmd, render_cmd, rules_cmd  # noqa: E402,F401  (register subcommands)

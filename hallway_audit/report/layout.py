@@ -67,14 +67,15 @@ def _tail(text: str, width: int) -> str:
 
 
 def abbreviate(name: str, width: int) -> str:
-    """Fit a dotted module path into `width` cells, keeping where it starts and how it ends.
+    """Fit a dotted module path into `width` cells: the head and the tail kept, `…` between.
 
-    1. Whole components: the first and the last, then as many more leading ones as
-       fit, then as many more trailing ones: `model.layers.3.self_attn.q_proj` at 21
-       is `model.layers.3…q_proj`.
-    2. If the first and last components alone do not fit: the leading components
-       that fit in two thirds of the width, and the name's last characters.
-    3. Otherwise the first third and the last two thirds of the characters.
+    Candidates keep whole leading and trailing components (at least the last one),
+    or the leading components up to the first numeric one (the block index) and the
+    name's last characters. The one chosen keeps the first block index if any
+    candidate does, then the most indices, then whole components, then the first
+    component, then the most characters: `model.layers.3.self_attn.q_proj` is
+    `model.layers.3…q_proj` at 21 columns and `…3.self_attn.q_proj` at 19. A name
+    with no candidate keeps its first third and last two thirds of characters.
     """
     if cell_len(name) <= width:
         return name
@@ -82,26 +83,32 @@ def abbreviate(name: str, width: int) -> str:
         return ELLIPSIS[:width]
     budget = width - 1
     parts = name.split(".")
-    if len(parts) > 1:
-        head, tail = 1, 1  # components kept at each end
-        def size(h: int, t: int) -> int:
-            return cell_len(".".join(parts[:h])) + cell_len(".".join(parts[len(parts) - t:]))
-        if size(head, tail) <= budget:
-            while head + tail < len(parts) and size(head + 1, tail) <= budget:
-                head += 1
-            while head + tail < len(parts) and size(head, tail + 1) <= budget:
-                tail += 1
-            return ".".join(parts[:head]) + ELLIPSIS + ".".join(parts[len(parts) - tail:])
-        kept = ""
-        for part in parts[:-1]:
-            candidate = f"{kept}.{part}" if kept else part
-            if cell_len(candidate) > (2 * budget) // 3:
-                break
-            kept = candidate
-        if kept:
-            return kept + ELLIPSIS + _tail(name, budget - cell_len(kept))
-    front = budget // 3
-    return _head(name, front) + ELLIPSIS + _tail(name, budget - cell_len(_head(name, front)))
+    n = len(parts)
+    numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+    best: tuple[tuple[int, ...], str] | None = None
+
+    def consider(text: str, kept: list[int], whole: bool) -> None:
+        nonlocal best
+        indices = [i for i in numeric if i in kept]
+        score = (int(bool(numeric) and numeric[0] in kept), len(indices), int(whole), int(0 in kept), cell_len(text))
+        if best is None or score > best[0]:
+            best = (score, text)
+
+    for head in range(n):
+        for tail in range(1, n - head):
+            text = ".".join(parts[:head]) + ELLIPSIS + ".".join(parts[n - tail:])
+            if cell_len(text) <= width:
+                consider(text, [*range(head), *range(n - tail, n)], True)
+    if n > 1:
+        upto = (numeric[0] if numeric else 0) + 1
+        head_text = ".".join(parts[:upto])
+        room = budget - cell_len(head_text)
+        if upto < n and room >= 4:
+            consider(head_text + ELLIPSIS + _tail(name, room), list(range(upto)), False)
+    if best is not None:
+        return best[1]
+    front = _head(name, budget // 3)
+    return front + ELLIPSIS + _tail(name, budget - cell_len(front))
 
 
 @dataclass

@@ -142,8 +142,8 @@ class MarkdownFormatter(Formatter):
             lines += ["", "### Findings", ""]
             lines += _table(
                 ["", "rule", "layer", "setting", "message"],
-                [[_ICON[f["severity"]], md_code(f["rule"]), md_text(f["layer"] or "(model)"), md_text(f["setting"] or ""),
-                  md_text(f["message"])] for f in shown],
+                [[_ICON[f["severity"]], md_code(f["rule"]), md_code(f["layer"]) if f["layer"] else "(model)",
+                  md_code(f["setting"]) if f["setting"] else "", md_text(f["message"])] for f in shown],
             )
             lines += _more(len(found) - len(shown), "findings")
         rows = ranked_layers(doc)

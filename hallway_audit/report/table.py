@@ -140,16 +140,21 @@ def _findings(doc: Doc, options: RenderOptions) -> Table | None:
         return None
     shown = groups if options.max_rows <= 0 else groups[: options.max_rows]
     dynamic = any(g.phase == "dynamic" for g in groups)
+    settings = [g.first["setting"] if g.phase == "dynamic" and g.first["setting"] else "" for g in shown]
+    longest_rule = min(30, max(len(g.first["rule"]) for g in groups))
+    longest_setting = max((len(x) for x in settings), default=0)
+    # The setting gets its own column when the message keeps 40 columns, else it goes under the rule id.
+    own_column = dynamic and options.width - (3 * 5 + 1 + 8 + 4 + longest_rule + longest_setting) >= 40
     severity = Column("severity", justify="left")
-    rule = Column("rule", justify="left", kind="wrap", floor=12)
-    setting = Column("setting", justify="left", kind="wrap", drop=1)
+    count = Column("n", drop=1)
+    rule = Column("rule" if own_column or not dynamic else "rule / setting", justify="left", kind="wrap", floor=12)
+    setting = Column("setting", justify="left", kind="wrap")
     message = Column("message", justify="left", kind="wrap", floor=30)
-    count = Column("n", drop=2)
     # Layer names listed after a message are abbreviated to the message column's likely width,
     # so none is broken across lines.
-    room = max(16, options.width - 3 * 5 - 1 - 8 - 4 - min(30, max(len(g.first["rule"]) for g in groups))
-               - (25 if dynamic else 0) - 1)
-    for g in shown:
+    room = max(16, options.width - (3 * 5 + 1 + 8 + 4 + max(longest_rule, longest_setting if not own_column else 0))
+               - (longest_setting if own_column else 0) - 1)
+    for g, sid in zip(shown, settings, strict=True):
         f = g.first
         text = f["message"]
         if len(g.layers) > 1:
@@ -158,10 +163,13 @@ def _findings(doc: Doc, options: RenderOptions) -> Table | None:
             text += f" [also {listed}]"
         severity.cells.append(Text(f["severity"], style=SEVERITY_STYLE[f["severity"]]))
         count.cells.append(Text(str(g.count)))
-        rule.cells.append(_t(f["rule"]))
-        setting.cells.append(_t(f["setting"] if g.phase == "dynamic" and f["setting"] else ""))
+        if own_column or not sid:
+            rule.cells.append(_t(f["rule"]))
+        else:
+            rule.cells.append(Text.assemble(_t(f["rule"]), "\n", _t(sid, "dim")))
+        setting.cells.append(_t(sid))
         message.cells.append(_t(text))
-    cols = [severity, count, rule] + ([setting] if dynamic else []) + [message]
+    cols = [severity, count, rule] + ([setting] if own_column else []) + [message]
     total = len(doc["findings"])
     hidden = total - len(shown)
     caption = []
