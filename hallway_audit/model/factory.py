@@ -52,6 +52,8 @@ def _load_file(path: Path, spec: str, option: str, error: type[HallwayError]) ->
     sys.modules[name] = module  # dataclasses and pickling look the module up by name
     directory = str(path.resolve().parent)
     sys.path.insert(0, directory)
+    # no __pycache__ beside the user's file: the audit leaves what it was given as it was
+    writes_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True
     try:
         module_spec.loader.exec_module(module)
     except BaseException as exc:
@@ -60,6 +62,7 @@ def _load_file(path: Path, spec: str, option: str, error: type[HallwayError]) ->
             raise error(f"{option} {spec!r}: importing {path} failed: {type(exc).__name__}: {one_line(exc)}") from exc
         raise
     finally:
+        sys.dont_write_bytecode = writes_bytecode
         with contextlib.suppress(ValueError):  # the user's code removed it itself
             sys.path.remove(directory)
     return module
