@@ -76,6 +76,19 @@ _METRICS: tuple[Metric, ...] = (
     Metric("loss", _M, "dynamic", "realized training loss at the end of the burst"),
     Metric("val_loss", _M, "dynamic", "held-out loss at the end of the burst"),
     Metric("loss_delta", _M, "dynamic", "realized loss change over the burst"),
+    # --- dynamic: the outlook over the planned run (v0.4) ---------------------------
+    Metric("progress", _M, "dynamic", "relative drop of the realized loss on the evaluation batch over the burst"),
+    Metric("progress_lo", _M, "dynamic", "lower end of the 95% interval of progress (from the burst's loss curve)"),
+    Metric("progress_hi", _M, "dynamic", "upper end of the 95% interval of progress"),
+    Metric("progress_val", _M, "dynamic", "relative drop of the held-out loss over the burst"),
+    Metric("progress_master", _M, "dynamic", "relative drop of the loss at the unrounded fp32 master weights"),
+    Metric("grad_share", _L, "dynamic", "the layer's share of the squared gradient over what the setting trains"),
+    Metric("beta_run", _LM, "dynamic", "fraction of weights forecast to change cell at least once within the planned run (model: gradient-weighted)"),
+    Metric("run_moving", _LM, "dynamic", "fraction of the planned run's steps at which the weights still cross cells"),
+    Metric("stall_step", _LM, "dynamic", "the step of the planned run from which the weights stop moving (None: they move to the end)"),
+    Metric("stall_lr", _M, "dynamic", "the scheduled lr at stall_step"),
+    Metric("train_steps", _M, "dynamic", "length of the planned run the forecast looks ahead to"),
+    Metric("score", _M, "dynamic", "predicted progress, for ranking settings: progress (or master-weight progress times beta_run) times run_moving"),
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in _METRICS}

@@ -27,6 +27,9 @@ from ..lattice import get_format
 from ..model.data import MicroBatches, batch_size, take, token_count
 from .crossing import ActivationCells, activation_changes, cell_changes, crossing_counts
 from .engine import Batch, LossEvaluator, LossFn
+from .estimate import pt_states as measured_states
+from .events import BurstEvent, BurstProgress, Part
+from .horizon import Schedule, forecast_layers, weighted_forecast
 from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_values
 from .pt import Direction, StateGradients, measure_pt, split_gradient
 from .realize import Realization
@@ -34,9 +37,6 @@ from .result import LayerDynamics, SettingResult, StepRecord
 from .settings import Setting
 from .shares import SharesVerdict
 from .targets import ParamInfo
-
-# progress(setting_id, phase, done, total)
-BurstProgress = Callable[[str, str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,11 @@ class BurstOptions:
     micro_batch: int = 8
     seed: int = 0
     psi_target: float = 0.9  # tau of r_star (the rule file's psi_target)
+    # The planned run the forecast looks ahead to (None: 1000 steps at the constant lr),
+    # and the per-step crossing rate below which a layer counts as not moving (the rule
+    # file's beta_floor).
+    schedule: Schedule | None = None
+    beta_floor: float = 0.01
     per_layer_p: bool = False
     early_stop: bool = True
     eval_batch: int = 16  # the fixed evaluation batch: realized losses, p_t moves, activation cells
@@ -204,6 +209,31 @@ def _record_adapter_crossings(
         layers[layer].beta_adapter.append(ch / n)
 
 
+def _record_grad_shares(g_full: dict[str, Tensor], real: Realization, layers: dict[str, LayerDynamics],
+                        layer_of: dict[str, str]) -> None:
+    """Each trainable layer's share of the squared gradient norm over what the setting trains."""
+    sq: dict[str, float] = {}
+    for name in real.trainable:
+        sq[layer_of[name]] = sq.get(layer_of[name], 0.0) + _sq(g_full[name])
+    total = sum(sq.values())
+    for layer, v in sq.items():
+        layers[layer].grad_share = v / total if total > 0 else None
+
+
+def _shadow_loss(real: Realization, evaluator: LossEvaluator, stored: dict[str, Tensor], batch: Batch) -> float | None:
+    """The loss at the unrounded master weights, where the forward rounds them onto a
+    lattice: what the run drifts toward while sub-ULP steps accumulate (None when
+    nothing trainable is rounded, or without master weights)."""
+    if real.master != "fp32":
+        return None
+    bound = [n for n in real.trainable if (f := real.weight_format(n)) is not None and f.name != "fp32"]
+    if not bound:
+        return None
+    weights = real.realized(stored)
+    weights.update({n: stored[n] for n in bound})
+    return evaluator.loss(weights, batch, "at the master weights")
+
+
 def run_burst(
     setting: Setting,
     module: nn.Module,
@@ -245,7 +275,12 @@ def run_burst(
     eval_batch = take(train, torch.arange(min(options.eval_batch, batch_size(train))))
     eval_val = take(val, torch.arange(min(options.eval_batch, batch_size(val)))) if val is not None else None
 
-    total_work = options.steps + 1
+    p_states = measured_states(options.steps, options.p_every)
+
+    def report(event: BurstEvent) -> None:
+        if progress is not None:
+            progress(event)
+
     with acts.attached():
         stored = real.stored()
         now = real.realized(stored)
@@ -258,10 +293,11 @@ def run_burst(
         # micro-batch gradient has rank <= its token count and would flatter low ranks.
         g_full, shares, no_shares = split_gradient(0, real, evaluator, module, train, now, micro.n, verdict)
         psi_rank = _rank_capture(params, g_full, real, layers, options.psi_target)
-        if progress:
-            progress(setting.id, "burst", 1, total_work)
+        _record_grad_shares(g_full, real, layers, layer_of)
+        start_stored, start_phi = {k: v.clone() for k, v in stored.items()}, real.snapshot()
+        shadow_start = _shadow_loss(real, evaluator, stored, eval_batch)
+        report(BurstEvent(setting.id, "start", options.steps))
 
-        p_states = sorted({0, options.steps} | (set(range(0, options.steps, options.p_every)) if options.p_every else set()))
         snapshots: dict[int, dict[str, Tensor]] = {0: real.snapshot()} if 0 in p_states else {}
         # p_t at the first state reuses its losses and split gradient (the surrogate
         # only reads the trainable parameters' part of it)
@@ -320,8 +356,7 @@ def run_burst(
             )
             if t + 1 in p_states:
                 snapshots[t + 1] = real.snapshot()
-            if progress:
-                progress(setting.id, "burst", t + 2, total_work)
+            report(BurstEvent(setting.id, "step", options.steps, step=t + 1))
 
         radius = statistics.median(s.update_norm for s in steps) if steps else 0.0
         layer_radius = {layer: statistics.median(v) ** 0.5 for layer, v in layer_norms.items() if v}
@@ -331,6 +366,12 @@ def run_burst(
         p_gen = torch.Generator(device=device).manual_seed(options.seed + 2)
         for i, (t, snap) in enumerate(sorted(snapshots.items())):
             real.restore(snap)
+
+            def pt_progress(part: Part, sample: int, layer: int, n_layers: int, i: int = i) -> None:
+                report(BurstEvent(setting.id, "p_t", options.steps, state=i, states=len(snapshots), part=part,
+                                  sample=sample, samples=options.samples if part != "setup" else 0,
+                                  layer=layer, layers=n_layers))
+
             pt_states.append(
                 measure_pt(
                     step=t,
@@ -351,12 +392,21 @@ def run_burst(
                     module=module,
                     known=first if t == 0 else None,
                     verdict=verdict,
+                    progress=pt_progress if progress is not None else None,
                 )
             )
             first = None
-            if progress:
-                progress(setting.id, "p_t", i + 1, len(snapshots))
         real.restore(final)
+        shadow_end = _shadow_loss(real, evaluator, real.stored(), eval_batch)
+    schedule = options.schedule or Schedule()
+    scales = schedule.factors(setting.optimizer.lr)
+    hists = {layer: d.hist for layer, d in layers.items()}
+    forecasts = forecast_layers(real, start_stored, start_phi, hists, layer_of, scales, options.steps, options.beta_floor)
+    for layer, f in forecasts.items():
+        layers[layer].forecast = f
+    stepwise = real.master == "none" and real.rounding == "nearest" and real.quantizes
+    model_forecast = weighted_forecast(forecasts, {k: d.grad_share or 0.0 for k, d in layers.items()}, hists, scales,
+                                       options.steps, options.beta_floor, stepwise)
     return SettingResult(
         setting=setting,
         loss_name=loss_name,
@@ -370,4 +420,9 @@ def run_burst(
         seconds=time.perf_counter() - start,
         forwards=evaluator.forwards,
         backwards=evaluator.backwards,
+        schedule=schedule,
+        forecast=model_forecast,
+        stall_lr=(setting.optimizer.lr * scales[model_forecast.stall_step]
+                  if model_forecast is not None and model_forecast.stall_step is not None else None),
+        shadow=(shadow_start, shadow_end) if shadow_start is not None and shadow_end is not None else None,
     )

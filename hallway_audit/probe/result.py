@@ -13,8 +13,43 @@ from dataclasses import dataclass, field
 import torch
 
 from .crossing import HIST_LABELS
+from .horizon import RunForecast, Schedule
 from .pt import PtAtState, Rate
 from .settings import Setting
+
+
+def relative_drop(initial: float, losses: Sequence[float]) -> tuple[float | None, float | None, float | None]:
+    """(L0 - L_K) / L0 over a burst, with a 95% interval from the least-squares line
+    through L0..L_K (the drop is K times its slope; the interval is the slope's, from
+    the residuals, and needs K >= 2)."""
+    if not losses or not initial > 0 or not all(math.isfinite(x) for x in (initial, *losses)):
+        return None, None, None
+    drop = (initial - losses[-1]) / initial
+    ys = [initial, *losses]
+    n = len(ys)
+    if n < 4:
+        return drop, None, None
+    xs = list(range(n))
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    resid = [y - (my + slope * (x - mx)) for x, y in zip(xs, ys, strict=True)]
+    se = math.sqrt(sum(r * r for r in resid) / (n - 2) / sxx)
+    half = 1.96 * se * (n - 1) / initial
+    return drop, drop - half, drop + half
+
+
+def score(progress: float | None, master: float | None, forecast: RunForecast | None) -> float | None:
+    """The ranking score: the burst's relative loss drop, or, where the forward rounds
+    fp32 master weights, the drop at the master weights times the fraction of the
+    gradient-weighted weights that will have crossed a cell within the run (what the
+    master drift turns into); times the fraction of the run that still moves."""
+    if progress is None:
+        return None
+    potential = progress
+    if master is not None and forecast is not None:
+        potential = max(progress, master * forecast.beta_run)
+    return potential * (forecast.run_moving if forecast is not None else 1.0)
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -46,6 +81,8 @@ class LayerDynamics:
     # gradient. A layer the loss never reaches (BERT's pooler under a mean-pooling loss)
     # cannot move whatever the format: its crossings say nothing about the plan.
     grad_seen: bool = False
+    grad_share: float | None = None  # share of the squared gradient over what the setting trains
+    forecast: RunForecast | None = None  # over the planned run (horizon.py)
 
     @property
     def no_grad(self) -> bool:
@@ -71,6 +108,10 @@ class LayerDynamics:
             "ulp_hist": {label: _ratio(int(c), total) for label, c in zip(HIST_LABELS, self.hist.tolist(), strict=True)} if total else None,
             "ulp_mass_above_half": _ratio(above, total) if moves else None,
             "p_t_surrogate": surrogate.p if surrogate and self.grad_seen else None,
+            "grad_share": self.grad_share,
+            "beta_run": self.forecast.beta_run if self.forecast and moves else None,
+            "run_moving": self.forecast.run_moving if self.forecast and moves else None,
+            "stall_step": self.forecast.stall_step if self.forecast and moves else None,
         }
         if realized is not None:
             lo, hi = realized.interval
@@ -106,6 +147,10 @@ class SettingResult:
     seconds: float
     forwards: int
     backwards: int
+    schedule: Schedule = field(default_factory=Schedule)
+    forecast: RunForecast | None = None  # gradient-weighted over the layers
+    stall_lr: float | None = None  # the lr at the forecast's stall step
+    shadow: tuple[float, float] | None = None  # loss at the master weights, start and end
 
     @property
     def id(self) -> str:
@@ -147,6 +192,30 @@ class SettingResult:
             "loss": final.loss if final else self.initial_loss,
             "val_loss": final.val_loss if final else self.initial_val_loss,
             "loss_delta": (final.loss - self.initial_loss) if final else 0.0,
+            **self.outlook(),
+        }
+
+    def outlook(self) -> dict[str, float | int | None]:
+        """Progress over the burst and the forecast over the planned run (docs/definitions.md §4.6-4.7)."""
+        progress, lo, hi = relative_drop(self.initial_loss, [s.loss for s in self.steps])
+        val_losses = [s.val_loss for s in self.steps]
+        progress_val = None
+        if self.initial_val_loss is not None and val_losses and all(v is not None for v in val_losses):
+            progress_val = relative_drop(self.initial_val_loss, [float(v) for v in val_losses if v is not None])[0]
+        shadow = (self.shadow[0] - self.shadow[1]) / self.shadow[0] if self.shadow and self.shadow[0] > 0 else None
+        f = self.forecast
+        return {
+            "progress": progress,
+            "progress_lo": lo,
+            "progress_hi": hi,
+            "progress_val": progress_val,
+            "progress_master": shadow,
+            "beta_run": f.beta_run if f else None,
+            "run_moving": f.run_moving if f else None,
+            "stall_step": f.stall_step if f else None,
+            "stall_lr": self.stall_lr,
+            "train_steps": self.schedule.steps,
+            "score": score(progress, shadow, f),
         }
 
     def layer_metrics(self) -> dict[str, dict[str, object]]:

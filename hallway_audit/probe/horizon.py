@@ -1,0 +1,230 @@
+"""From a burst of K steps to the planned run: which weights will have moved by its end.
+
+A burst measures per-step crossings at the peak learning rate. Whether a setting
+trains is a question about the whole run (docs/definitions.md §4.6):
+
+* with fp32 master weights, sub-ULP steps accumulate: a weight changes cell once its
+  accumulated drift leaves the cell, however small each step is;
+* with stochastic rounding (no master weights), a step of |delta| < ULP moves the
+  stored weight one cell with probability |delta| / ULP: in expectation it drifts
+  like a master weight;
+* with nearest rounding and no master weights, a step smaller than half a ULP
+  rounds back: a weight moves only at the steps whose proposal is big enough, and an
+  lr schedule that decays the lr can stall training part-way.
+
+Adam's step is lr * m / (sqrt(v) + eps): its size scales with lr, so the burst's
+histogram of |delta| / ULP at the peak lr predicts the per-step crossing rate at any
+other lr of the schedule by shifting it (beta_at_scale).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from ..lattice import Format
+from .crossing import HIST_EDGES
+
+if TYPE_CHECKING:
+    from .realize import Realization
+
+ScheduleKind = Literal["constant", "cosine", "linear"]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The planned run: `steps` optimizer steps, `warmup` of them rising linearly to the
+    peak lr, then constant or decaying (cosine / linear) to `lr_min` (absolute)."""
+
+    kind: ScheduleKind = "constant"
+    steps: int = 1000
+    warmup: int = 0
+    lr_min: float = 0.0
+
+    def factors(self, peak: float) -> list[float]:
+        """lr(t) / peak for t = 0 .. steps-1 (the peak is the setting's lr)."""
+        floor = min(self.lr_min / peak, 1.0) if peak > 0 else 0.0
+        out = []
+        decay = max(self.steps - self.warmup, 1)
+        for t in range(self.steps):
+            if t < self.warmup:
+                out.append((t + 1) / self.warmup)
+                continue
+            progress = (t - self.warmup) / decay
+            if self.kind == "cosine":
+                out.append(floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+            elif self.kind == "linear":
+                out.append(floor + (1.0 - floor) * (1.0 - progress))
+            else:
+                out.append(1.0)
+        return out
+
+    @property
+    def label(self) -> str:
+        parts = [self.kind, f"{self.steps} steps"]
+        if self.warmup:
+            parts.append(f"warmup {self.warmup}")
+        if self.kind != "constant":
+            parts.append(f"to lr {self.lr_min:g}")
+        return ", ".join(parts)
+
+
+# The histogram's bins as ratio ranges; the open ends are closed one octave out.
+_LOWS = (HIST_EDGES[0] / 2, *HIST_EDGES)
+_HIGHS = (*HIST_EDGES, HIST_EDGES[-1] * 2)
+
+
+def beta_at_scale(hist: Sequence[float], scale: float) -> float:
+    """Fraction of steps larger than half a ULP when every step is `scale` times the
+    histogram's (|delta| / ULP counts in crossing.HIST_LABELS bins); log-uniform
+    within a bin."""
+    total = float(sum(hist))
+    if total <= 0 or scale <= 0:
+        return 0.0
+    threshold = 0.5 / scale  # ratio * scale > 1/2
+    above = 0.0
+    for count, lo, hi in zip(hist, _LOWS, _HIGHS, strict=True):
+        if lo >= threshold:
+            above += count
+        elif hi > threshold:
+            above += count * math.log2(hi / threshold) / math.log2(hi / lo)
+    return above / total
+
+
+def sr_moved_at_least_once(hist: Sequence[float], scales: Sequence[float]) -> float:
+    """Fraction of weights stochastic rounding moves at least once in a run whose step
+    t is scales[t] times the histogram's: a step of r ULP moves the stored weight
+    with probability min(1, r), independently per step."""
+    total = float(sum(hist))
+    if total <= 0:
+        return 0.0
+    moved = 0.0
+    for count, lo, hi in zip(hist, _LOWS, _HIGHS, strict=True):
+        if not count:
+            continue
+        r = math.sqrt(lo * hi)
+        log_stay = sum(math.log1p(-p) if p < 1.0 else -math.inf for p in (min(1.0, r * s) for s in scales))
+        moved += count * (1.0 - math.exp(log_stay))
+    return moved / total
+
+
+@torch.no_grad()
+def master_cells_changed(fmt: Format, start: Tensor, end: Tensor, gain: float) -> int:
+    """Weights whose cell changes once the burst's drift (end - start) is carried on
+    `gain` times further in fp32 master weights: cell(start + gain * drift) != cell(start),
+    on the lattice fixed at `start`."""
+    lattice = fmt.at(start)
+    reached = start + (end - start) * gain
+    return int(torch.count_nonzero(lattice.cell_id(reached) != lattice.cell_id(start)))
+
+
+@dataclass
+class RunForecast:
+    """A layer's forecast over the planned run."""
+
+    beta_run: float  # fraction of its weights that change cell at least once in the run
+    run_moving: float  # fraction of the run's steps at which more than beta_floor of them cross
+    stall_step: int | None  # the first step from which it no longer moves (None: it moves to the end)
+
+
+def forecast_by_steps(hist: Sequence[float], scales: Sequence[float], floor: float) -> RunForecast:
+    """Nearest rounding, no master weights: a weight moves only at steps whose proposal
+    exceeds half a ULP, so each step's crossing rate is the shifted histogram."""
+    rates = [beta_at_scale(hist, s) for s in scales]
+    moving = [r > floor for r in rates]
+    stall = None
+    for t in range(len(moving) - 1, -1, -1):
+        if moving[t]:
+            stall = t + 1 if t + 1 < len(moving) else None
+            break
+    else:
+        stall = 0
+    return RunForecast(max(rates, default=0.0), sum(moving) / len(moving) if moving else 0.0, stall)
+
+
+def burst_gain(scales: Sequence[float], burst_steps: int) -> float:
+    """How much further the run carries the burst's drift: sum of lr over the run
+    divided by the burst's (K steps at the peak)."""
+    return sum(scales) / burst_steps if burst_steps else 0.0
+
+
+@torch.no_grad()
+def forecast_layers(
+    real: Realization,
+    start_stored: dict[str, Tensor],
+    start_phi: dict[str, Tensor],
+    hists: dict[str, Tensor],
+    layer_of: dict[str, str],
+    scales: Sequence[float],
+    burst_steps: int,
+    floor: float,
+) -> dict[str, RunForecast]:
+    """Each trainable layer's RunForecast (hists: the burst's |delta|/ULP counts per layer).
+
+    Values that accumulate (fp32 master weights, values stored in fp32 such as PEFT's
+    adapters) are forecast per weight from their drift over the burst; stored values
+    under stochastic rounding from the per-step move probabilities; under nearest
+    rounding from the per-step crossing rate along the schedule.
+    """
+    end_stored = real.stored()
+    gain = burst_gain(scales, burst_steps)
+    drift: dict[str, list[int]] = {}  # layer -> [changed, count] of accumulating values
+    stepped: set[str] = set()  # layers with values stored on a lattice without master weights
+    for name in real.trainable:
+        layer = layer_of[name]
+        fmt = real.weight_format(name)
+        values = (
+            [(fmt, start_stored[name], end_stored[name])]
+            if fmt is not None
+            else [(real.phi_format(k), start_phi[k], real.phi[k].detach()) for k in (name + "::A", name + "::B")]
+        )
+        for f, v0, v1 in values:
+            if f.name == "fp32" or real.master == "fp32":
+                c = drift.setdefault(layer, [0, 0])
+                c[0] += master_cells_changed(f, v0, v1, gain)
+                c[1] += v0.numel()
+            else:
+                stepped.add(layer)
+    out: dict[str, RunForecast] = {}
+    for layer in {layer_of[n] for n in real.trainable}:
+        hist = [float(x) / max(burst_steps, 1) for x in hists[layer].tolist()]
+        if layer in stepped and real.rounding == "nearest":
+            out[layer] = forecast_by_steps(hist, scales, floor)
+        elif layer in stepped:
+            moved = sr_moved_at_least_once(hist, scales)
+            out[layer] = RunForecast(moved, 1.0 if moved > floor else 0.0, None if moved > floor else 0)
+        else:
+            changed, count = drift.get(layer, (0, 0))
+            frac = changed / count if count else 0.0
+            out[layer] = RunForecast(frac, 1.0 if frac > floor else 0.0, None if frac > floor else 0)
+    return out
+
+
+def weighted_forecast(
+    forecasts: dict[str, RunForecast], shares: dict[str, float], hists: dict[str, Tensor],
+    scales: Sequence[float], burst_steps: int, floor: float, stepwise: bool,
+) -> RunForecast | None:
+    """The model's forecast with layers weighted by their share of the gradient: a setting
+    trains when the weights that carry the gradient can move, whatever a small norm does."""
+    weight = {layer: shares.get(layer, 0.0) for layer in forecasts}
+    total = sum(weight.values())
+    if total <= 0:
+        return None
+    beta_run = sum(weight[layer] * f.beta_run for layer, f in forecasts.items()) / total
+    if not stepwise:
+        moving = sum(weight[layer] * f.run_moving for layer, f in forecasts.items()) / total
+        return RunForecast(beta_run, moving, None if moving > 0 else 0)
+    mixed = [0.0] * len(next(iter(hists.values())))
+    for layer in forecasts:
+        counts = hists[layer].tolist()
+        n = float(sum(counts))
+        if n > 0 and weight[layer] > 0:
+            for i, c in enumerate(counts):
+                mixed[i] += weight[layer] / total * c / n
+    by_steps = forecast_by_steps(mixed, scales, floor)
+    return RunForecast(beta_run, by_steps.run_moving, by_steps.stall_step)
