@@ -69,44 +69,46 @@ def _tail(text: str, width: int) -> str:
 def abbreviate(name: str, width: int) -> str:
     """Fit a dotted module path into `width` cells: the head and the tail kept, `…` between.
 
-    Candidates keep whole leading and trailing components (at least the last one),
-    or the leading components up to the first numeric one (the block index) and the
-    name's last characters. The one chosen keeps the first block index if any
-    candidate does, then the most indices, then whole components, then the first
-    component, then the most characters: `model.layers.3.self_attn.q_proj` is
-    `model.layers.3…q_proj` at 21 columns and `…3.self_attn.q_proj` at 19. A name
-    with no candidate keeps its first third and last two thirds of characters.
+    Candidates: leading components (none or more), or the block index with the
+    component before it after a leading `…` (`…layers.3`); then `…`; then whole
+    trailing components (at least the last one) or, after a non-empty head, the
+    name's last characters. The one chosen keeps the first block index (the first
+    all-digit component) if any candidate does, then whole components, then the
+    first component, then the fewest `…`, then the most characters:
+    `model.layers.3.self_attn.q_proj` is `model.layers.3…q_proj` at 21 columns,
+    `…3.self_attn.q_proj` at 19 and `…layers.3…q_proj` at 16. A name with no
+    candidate keeps its first third and last two thirds of characters.
     """
     if cell_len(name) <= width:
         return name
     if width <= 1:
         return ELLIPSIS[:width]
-    budget = width - 1
     parts = name.split(".")
     n = len(parts)
     numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+    heads: list[tuple[str, list[int]]] = [(".".join(parts[:h]), list(range(h))) for h in range(n)]
+    if numeric and numeric[0] > 0:
+        f = numeric[0]
+        heads += [(ELLIPSIS + ".".join(parts[j:f + 1]), list(range(j, f + 1))) for j in (f - 1, f) if j >= 1]
     best: tuple[tuple[int, ...], str] | None = None
-
-    def consider(text: str, kept: list[int], whole: bool) -> None:
-        nonlocal best
-        indices = [i for i in numeric if i in kept]
-        score = (int(bool(numeric) and numeric[0] in kept), len(indices), int(whole), int(0 in kept), cell_len(text))
-        if best is None or score > best[0]:
-            best = (score, text)
-
-    for head in range(n):
-        for tail in range(1, n - head):
-            text = ".".join(parts[:head]) + ELLIPSIS + ".".join(parts[n - tail:])
-            if cell_len(text) <= width:
-                consider(text, [*range(head), *range(n - tail, n)], True)
-    if n > 1:
-        upto = (numeric[0] if numeric else 0) + 1
-        head_text = ".".join(parts[:upto])
-        room = budget - cell_len(head_text)
-        if upto < n and room >= 4:
-            consider(head_text + ELLIPSIS + _tail(name, room), list(range(upto)), False)
+    for head, kept in heads:
+        end = max(kept, default=-1)  # last component the head shows
+        candidates = [(head + ELLIPSIS + ".".join(parts[n - t:]), kept + list(range(n - t, n)), True)
+                      for t in range(1, n - end)]
+        if head:
+            room = min(width - cell_len(head) - 1, len(name) - len(".".join(parts[:end + 1])) - 1)
+            if room >= 4:
+                candidates.append((head + ELLIPSIS + _tail(name, room), kept, False))
+        for text, shown, whole in candidates:
+            if cell_len(text) > width:
+                continue
+            score = (int(bool(numeric) and numeric[0] in shown), int(whole), int(0 in shown),
+                     -text.count(ELLIPSIS), cell_len(text))
+            if best is None or score > best[0]:
+                best = (score, text)
     if best is not None:
         return best[1]
+    budget = width - 1
     front = _head(name, budget // 3)
     return front + ELLIPSIS + _tail(name, budget - cell_len(front))
 
