@@ -189,7 +189,7 @@ def _settings_table(doc: Doc, options: RenderOptions) -> Table:
         ("psi", "psi", 5), ("psi_rank", "psi_rank", 0), ("p_t [95% CI]", "p_t", 0), ("unif", "p_t_uniform", 1),
         ("blocked", "blocked", 2), ("beta", "beta", 0), ("beta_eff", "beta_eff", 3), ("dloss", "loss_delta", 4),
     ]
-    setting = Column("setting", justify="left", kind="wrap")
+    setting = Column("setting", justify="left", kind="wrap", floor=40)  # ids whole before optional columns stay
     cols = {key: Column(header, justify="left" if key == "p_t" else "right", drop=drop) for header, key, drop in spec}
     verdict = Column("verdict", justify="left")
     for r in doc["settings"]:
