@@ -1,0 +1,72 @@
+"""The validation suite (validation/run.py) still runs end to end: 2 settings x 1 subject x 20 steps.
+
+Not a measurement (that is `python validation/run.py`): it keeps the suite from
+rotting. The statistics helpers are checked against hand-computed values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "validation"))
+
+import stats  # noqa: E402
+
+
+def test_spearman_average_ranks_for_ties():
+    assert stats.average_ranks([10, 20, 20, 30]) == [1.0, 2.5, 2.5, 4.0]
+    rho, n = stats.spearman([1, 2, 3, 4], [10, 20, 30, 40])
+    assert (rho, n) == (1.0, 4)
+    rho, _ = stats.spearman([1, 2, 3, 4], [40, 30, 20, 10])
+    assert rho == -1.0
+    # ties: ranks x = [1, 2.5, 2.5, 4], y = [1, 2, 3, 4] -> Pearson of the ranks
+    rho, _ = stats.spearman([0, 1, 1, 2], [1, 2, 3, 4])
+    assert rho == pytest.approx(0.9486832980505138)
+    # non-finite pairs are dropped; a constant predictor ranks nothing
+    assert stats.spearman([1, float("nan"), 3, 4], [1, 2, 3, 4])[1] == 3
+    assert math.isnan(stats.spearman([5, 5, 5], [1, 2, 3])[0])
+
+
+def test_confusion_and_balanced_accuracy():
+    c = stats.confusion([True, False, False, True, None], [True, True, False, False, True])
+    assert (c["tp"], c["fn"], c["fp"], c["tn"], c["missing"]) == (1, 1, 1, 1, 1)
+    assert c["balanced_accuracy"] == 0.5
+    assert stats.confusion([False, False], [True, True])["balanced_accuracy"] == 0.0
+
+
+@pytest.mark.slow
+def test_suite_runs_end_to_end(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    cmd = [sys.executable, str(ROOT / "validation" / "run.py"), "--subjects", "reversal", "--max-settings", "2",
+           "--steps", "20", "--seeds", "1", "--trial-steps", "8", "--audit-steps", "2", "--audit-samples", "8",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "report.json").read_text())
+    (subject,) = doc["subjects"]
+    rows = {r["id"]: r for r in subject["rows"]}
+    assert list(rows) == ["fp32/full/lr0.0001", "bf16/full/lr1e-05/nomaster"]
+    # fp32 full fine-tuning at 1e-4 learns to reverse; pure bf16 at 1e-5 rounds every step away
+    assert rows["fp32/full/lr0.0001"]["progress"] > 0.05
+    assert abs(rows["bf16/full/lr1e-05/nomaster"]["progress"]) < 1e-3
+    assert rows["fp32/full/lr0.0001"]["trains"] and not rows["bf16/full/lr1e-05/nomaster"]["trains"]
+    # the audit ran as a user would: one CLI call per setting, a gate verdict and its figures
+    for r in rows.values():
+        assert r["audit_error"] is None, r["audit_error"]
+        assert r["audit_passed"] in (True, False)
+        assert 0.0 <= r["scores"]["psi"] <= 1.0 + 1e-6
+        assert r["audit_wall_s"] > 0
+        assert r["trial8"] == pytest.approx(r["trial8"])  # finite
+    # ground truth is cached: the run directory holds one truth and one trial run per setting
+    assert len(list((tmp_path / "runs" / "reversal").glob("truth__*.json"))) == 2
+    assert len(list((tmp_path / "runs" / "reversal").glob("trial-h20__*.json"))) == 2
+    md = (tmp_path / "report.md").read_text()
+    assert "Spearman" in md and "balanced accuracy" in md and "`bf16/full/lr1e-05/nomaster`" in md

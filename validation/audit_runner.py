@@ -1,0 +1,123 @@
+"""Run the audit CLI as a user would, one setting per call, and read its JSON.
+
+Results are cached under out/audit/ keyed by subject, setting, the exact argument
+list and a fingerprint of the tool's source and bundled rules, so a change to the
+rules (or any module) re-runs the audit while unchanged reruns are free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from subjects import ROOT, Subject
+from trainer import Setting
+
+AUDIT_VERSION = 1
+
+
+def tool_fingerprint() -> str:
+    """sha256 over hallway_audit/**/*.py and rules/*.yaml: what decides the audit's answer."""
+    h = hashlib.sha256()
+    files = sorted((ROOT / "hallway_audit").rglob("*.py")) + sorted((ROOT / "rules").glob("*.yaml"))
+    for f in files:
+        h.update(str(f.relative_to(ROOT)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def audit_args(subject: Subject, setting: Setting, steps: int, samples: int, extra: list[str]) -> list[str]:
+    """The command line for one setting (the audit has no lr schedule: it gets the peak lr)."""
+    return [
+        str(subject.ckpt), "--calib", str(subject.calib),
+        "--precision", setting.precision,
+        "--rank", str(setting.rank) if setting.rank else "full",
+        "--lr", f"{setting.lr:g}",
+        "--master-weights", setting.master if setting.rank == 0 else "fp32",
+        "--rounding", setting.rounding,
+        "--targets", setting.targets,
+        "--steps", str(steps), "--samples", str(samples),
+        *subject.audit_args, *extra,
+    ]
+
+
+def _num(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+
+
+def scores(doc: dict[str, Any], setting_id: str | None = None) -> dict[str, float]:
+    """Candidate predictors from the audit JSON of one setting (the first, or the one with that id)."""
+    settings = doc.get("settings") or []
+    s = settings[0] if setting_id is None else next((x for x in settings if x.get("id") == setting_id), None)
+    if not s:
+        return {}
+    m = s.get("model", {})
+    out = {k: _num(m.get(k)) for k in ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "beta", "beta_min",
+                                       "beta_eff", "beta_eff_elem", "beta_proposed", "p_t_uniform")}
+    l0, l1 = _num(m.get("initial_loss")), _num(m.get("loss"))
+    v0, v1 = _num(m.get("initial_val_loss")), _num(m.get("val_loss"))
+    out["burst_drop"] = (l0 - l1) / l0 if l0 else math.nan
+    out["burst_val_drop"] = (v0 - v1) / v0 if v0 else math.nan
+    for key in ("score", "verdict_score"):
+        if key in s:
+            out[key] = _num(s[key])
+    errors = [f for f in doc.get("findings", []) if f.get("severity") == "error"
+              and f.get("setting") in (s.get("id"), None)]
+    out["errors"] = float(len(errors))
+    return out
+
+
+def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 8, samples: int = 32,
+              extra: list[str] | None = None, fingerprint: str | None = None, reuse: bool = False) -> dict[str, Any]:
+    """One CLI call (cached): {rc, passed, wall_s, error, scores, rules fired, args}.
+
+    A cached answer is reused when it was made by the same tool source (fingerprint),
+    or by any source with `reuse` (a baseline taken while the tree is being edited).
+    """
+    args = audit_args(subject, setting, steps, samples, extra or [])
+    fp = fingerprint or tool_fingerprint()
+    key = hashlib.sha256(json.dumps([AUDIT_VERSION, args]).encode()).hexdigest()[:12]
+    path = out / "audit" / subject.name / f"{setting.key}__{key}.json"
+    if path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+        except ValueError:
+            cached = None
+        if cached is not None and (reuse or cached.get("fingerprint") == fp):
+            return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = path.with_suffix(".audit.json")
+    cmd = [sys.executable, "-m", "hallway_audit", *args, "--format", "json", "-o", str(report), "--quiet"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    result: dict[str, Any] = {"args": args, "fingerprint": fp, "rc": proc.returncode, "wall_s": wall,
+                              "passed": None, "error": None, "scores": {}, "fired": [], "reason": None}
+    if proc.returncode in (0, 1) and report.is_file():
+        doc = json.loads(report.read_text())
+        result["passed"] = bool(doc["gate"]["passed"])
+        result["reason"] = doc["gate"].get("reason")
+        result["scores"] = scores(doc)
+        result["fired"] = sorted({f"{f['rule']}:{f['severity']}" for f in doc.get("findings", [])
+                                  if f.get("severity") == "error"})
+        result["rank_findings"] = [
+            {"layer": f.get("layer"), "message": f.get("message")} for f in doc.get("findings", [])
+            if f.get("verdict") == "needs_higher_rank"
+        ]
+        layers = (doc.get("settings") or [{}])[0].get("layers", [])
+        result["layers"] = [{k: v for k, v in layer.items() if k in
+                             ("name", "psi", "psi_rank", "r_star", "beta", "planned_rank", "trainable")}
+                            for layer in layers]
+        result["recommendation"] = (doc.get("recommendation") or {}).get("setting")
+    else:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        result["error"] = lines[-1] if lines else f"exit {proc.returncode}"
+    if proc.returncode != 70:  # an internal error (a tree mid-edit, a bug) is not an answer worth keeping
+        path.write_text(json.dumps(result))
+    return result

@@ -1,0 +1,229 @@
+"""Turn ground truth, audits and trial runs into the figures of the report (JSON + Markdown).
+
+Definitions (README.md states and justifies them):
+* progress  = (L0 - L_N) / L0 of the held-out loss after N steps, mean over seeds;
+* stuck     = mean progress < max(10% of the subject's best mean progress, 2 x the
+              subject's median seed-to-seed standard deviation);
+* regret    = best progress among the settings no more expensive than the recommended
+              one (rank <= its rank, bits <= its bits) minus the recommended setting's progress.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from stats import confusion, spearman
+from trainer import RunResult, Setting
+
+STUCK_FRACTION = 0.10
+NOISE_MULTIPLE = 2.0
+#: audit figures whose Spearman vs progress the report shows (if the JSON has them)
+PREDICTORS = ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "beta", "beta_min", "beta_eff", "beta_proposed",
+              "burst_drop", "burst_val_drop", "score", "verdict_score", "gate", "fewer_errors")
+
+
+def _f(x: float, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def cheapest(rows: list[dict[str, Any]], passes: str) -> dict[str, Any] | None:
+    """The tool's recommendation rule: lowest rank (full last), then fewest bits, then grid order."""
+    ok = [r for r in rows if r.get(passes)]
+    return min(ok, key=lambda r: (r["cost"], r["index"])) if ok else None
+
+
+def regret(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> dict[str, Any]:
+    best = max(r["progress"] for r in rows)
+    if chosen is None:
+        return {"setting": None, "progress": None, "regret_cheaper": None, "regret_best": best}
+    rank, bits = chosen["cost"]
+    cheaper = [r["progress"] for r in rows if r["cost"][0] <= rank and r["cost"][1] <= bits]
+    return {"setting": chosen["id"], "progress": chosen["progress"],
+            "regret_cheaper": max(cheaper) - chosen["progress"], "regret_best": best - chosen["progress"]}
+
+
+def analyse(subject: Any, settings: list[Setting], truth: dict[str, list[RunResult]],
+            audits: dict[str, dict[str, Any]], trials: dict[str, RunResult], trial_steps: tuple[int, ...]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for i, s in enumerate(settings):
+        runs = truth[s.id]
+        prog = [r.progress() for r in runs]
+        a = audits.get(s.id, {})
+        row: dict[str, Any] = {
+            "index": i, "id": s.id, "cost": [s.cost_order[0] if math.isfinite(s.cost_order[0]) else 1e9, s.bits],
+            "progress": statistics.fmean(prog), "progress_sd": statistics.stdev(prog) if len(prog) > 1 else 0.0,
+            "progress_seeds": prog, "l0": runs[0].l0, "truth_wall_s": sum(r.wall_s for r in runs),
+            "audit_passed": a.get("passed"), "audit_error": a.get("error"), "audit_wall_s": a.get("wall_s"),
+            "audit_fired": a.get("fired", []), "scores": dict(a.get("scores", {})),
+        }
+        if a.get("passed") is not None:
+            row["scores"]["gate"] = 1.0 if a["passed"] else 0.0
+            row["scores"]["fewer_errors"] = -row["scores"].get("errors", math.nan)
+        t = trials.get(s.id)
+        if t is not None:
+            for k in trial_steps:
+                row[f"trial{k}"] = t.progress(k)
+                row[f"trial{k}_cost_s"] = t.step_seconds[k - 1] + 2 * t.eval_seconds
+        rows.append(row)
+    best = max(r["progress"] for r in rows)
+    noise = statistics.median(r["progress_sd"] for r in rows)
+    threshold = max(STUCK_FRACTION * best, NOISE_MULTIPLE * noise)
+    for r in rows:
+        r["trains"] = r["progress"] >= threshold
+    actual = [r["trains"] for r in rows]
+    progress = [r["progress"] for r in rows]
+
+    corr: dict[str, dict[str, float]] = {}
+    for name in PREDICTORS:
+        xs = [r["scores"].get(name, math.nan) for r in rows]
+        if all(not math.isfinite(x) for x in xs):
+            continue
+        rho, n = spearman(xs, progress)
+        corr[name] = {"rho": rho, "n": n}
+    for k in trial_steps:
+        if f"trial{k}" in rows[0]:
+            rho, n = spearman([r[f"trial{k}"] for r in rows], progress)
+            corr[f"trial{k}"] = {"rho": rho, "n": n}
+
+    gate = confusion([r["audit_passed"] for r in rows], actual)
+    classifiers = {"audit gate": gate}
+    recs = {"audit": regret(rows, cheapest(rows, "audit_passed"))}
+    for k in trial_steps:
+        key = f"trial{k}"
+        if key not in rows[0]:
+            continue
+        top = max(r[key] for r in rows)
+        for r in rows:
+            r[f"{key}_pass"] = r[key] >= STUCK_FRACTION * top and r[key] > 0
+        classifiers[f"trial {k} steps"] = confusion([r[f"{key}_pass"] for r in rows], actual)
+        recs[f"trial {k} steps"] = regret(rows, cheapest(rows, f"{key}_pass"))
+        recs[f"trial {k} steps (argmax)"] = regret(rows, max(rows, key=lambda r, key=key: r[key]))
+
+    audit_walls = [r["audit_wall_s"] for r in rows if r["audit_wall_s"] is not None]
+    costs = {"truth_total_s": sum(r["truth_wall_s"] for r in rows),
+             "audit_total_s": sum(audit_walls), "audit_per_call_s": statistics.fmean(audit_walls) if audit_walls else None}
+    for k in trial_steps:
+        if f"trial{k}_cost_s" in rows[0]:
+            costs[f"trial{k}_per_setting_s"] = statistics.fmean(r[f"trial{k}_cost_s"] for r in rows)
+    out = {"subject": subject.name, "description": subject.description, "meta": subject.meta,
+           "best_progress": best, "noise_sd": noise, "stuck_threshold": threshold,
+           "n_settings": len(rows), "n_trains": sum(actual), "rows": rows, "spearman": corr,
+           "classifiers": classifiers, "recommendations": recs, "costs": costs}
+    if subject.meta.get("planted_layers"):
+        out["planted"] = planted_check(subject.meta, settings, audits)
+    return out
+
+
+def planted_check(meta: dict[str, Any], settings: list[Setting], audits: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per LoRA setting: which layers the audit says need a higher rank, and r_star of the planted ones."""
+    planted = set(meta["planted_layers"])
+    out = []
+    for s in settings:
+        a = audits.get(s.id)
+        if not s.rank or not a or a.get("passed") is None:
+            continue
+        flagged = {f["layer"] for f in a.get("rank_findings", []) if f.get("layer")}
+        r_star = {lay["name"]: lay.get("r_star") for lay in a.get("layers", []) if lay.get("trainable")}
+        others = [v for k, v in r_star.items() if k not in planted and isinstance(v, (int, float))]
+        out.append({"setting": s.id, "flagged": len(flagged), "planted_flagged": sorted(flagged & planted),
+                    "others_flagged": len(flagged - planted),
+                    "r_star_planted": {k: r_star.get(k) for k in sorted(planted)},
+                    "r_star_others_median": statistics.median(others) if others else None})
+    return out
+
+
+# ---------------------------------------------------------------- Markdown
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = ["# hallway-audit validation report", ""]
+    run = doc["run"]
+    lines += [f"Run: {run['subjects']} | {run['steps']} steps x {run['seeds']} seeds (micro-batch 8) | audit "
+              f"`--steps {run['audit_steps']} --samples {run['audit_samples']}` | trials {run['trial_steps']} "
+              f"| tool fingerprint {run['fingerprint']} (git {run['git']}) | suite wall {run['wall_s']:.0f} s", ""]
+    lines += ["Definitions: progress = (L0 - L_N)/L0 of a fixed 256-example held-out loss, mean over seeds; "
+              f"a setting is *stuck* when its progress < max({STUCK_FRACTION:.0%} of the subject's best, "
+              f"{NOISE_MULTIPLE:g} x the subject's median seed-to-seed sd); gate positive = passes = predicts "
+              "'trains'; regret = best progress among settings no more expensive (rank and bits) than the "
+              "recommended one, minus the recommended one's.", ""]
+    subjects = doc["subjects"]
+    # summary: Spearman
+    names: list[str] = []
+    for s in subjects:
+        names += [n for n in s["spearman"] if n not in names]
+    lines += ["## Summary: Spearman of each predictor vs realized progress", ""]
+    body = []
+    for n in names:
+        vals = [s["spearman"].get(n, {}).get("rho", math.nan) for s in subjects]
+        finite = [v for v in vals if math.isfinite(v)]
+        body.append([n, *(_f(v, 2) for v in vals), _f(statistics.fmean(finite), 2) if finite else "n/a"])
+    lines += [*_table(["predictor", *(s["subject"] for s in subjects), "mean"], body), ""]
+    lines += ["## Summary: classifiers (balanced accuracy; tp/fn/fp/tn, positive = trains)", ""]
+    cls_names: list[str] = []
+    for s in subjects:
+        cls_names += [n for n in s["classifiers"] if n not in cls_names]
+    body = []
+    for n in cls_names:
+        cells = []
+        for s in subjects:
+            c = s["classifiers"].get(n)
+            cells.append("n/a" if c is None else f"{_f(c['balanced_accuracy'], 2)} ({int(c['tp'])}/{int(c['fn'])}/{int(c['fp'])}/{int(c['tn'])})")
+        body.append([n, *cells])
+    lines += [*_table(["classifier", *(s["subject"] for s in subjects)], body), ""]
+    lines += ["## Summary: recommendation regret (vs best no more expensive / vs best overall)", ""]
+    body = []
+    rec_names: list[str] = []
+    for s in subjects:
+        rec_names += [n for n in s["recommendations"] if n not in rec_names]
+    for n in rec_names:
+        cells = []
+        for s in subjects:
+            r = s["recommendations"].get(n)
+            if r is None:
+                cells.append("n/a")
+            elif r["setting"] is None:
+                cells.append(f"none passes (best {_f(r['regret_best'], 2)})")
+            else:
+                cells.append(f"`{r['setting']}` {_f(r['regret_cheaper'], 2)} / {_f(r['regret_best'], 2)}")
+        body.append([n, *cells])
+    lines += [*_table(["chooser", *(s["subject"] for s in subjects)], body), ""]
+    lines += ["## Summary: wall cost", ""]
+    body = []
+    for s in subjects:
+        c = s["costs"]
+        trial_cells = [f"{_f(c.get(f'trial{k}_per_setting_s'), 2)}" for k in run["trial_steps"]]
+        body.append([s["subject"], f"{c['truth_total_s']:.0f}", f"{c['audit_total_s']:.0f}", _f(c["audit_per_call_s"], 1),
+                     *trial_cells])
+    lines += [*_table(["subject", "ground truth total s", "audit total s", "audit s/call", *(f"trial {k} s/setting" for k in run["trial_steps"])], body), ""]
+
+    for s in subjects:
+        lines += [f"## {s['subject']}", "", s["description"], "",
+                  f"best progress {_f(s['best_progress'])}, seed noise sd {_f(s['noise_sd'])}, stuck below "
+                  f"{_f(s['stuck_threshold'])}; {s['n_trains']}/{s['n_settings']} settings train.", ""]
+        show = [n for n in ("psi", "p_t", "p_t_lo", "beta", "beta_eff", "burst_drop", "score") if n in s["spearman"]]
+        ks = [k for k in run["trial_steps"] if f"trial{k}" in s["rows"][0]]
+        body = []
+        for r in s["rows"]:
+            gate = "ERR" if r["audit_error"] else ("-" if r["audit_passed"] is None else ("pass" if r["audit_passed"] else "fail"))
+            body.append([f"`{r['id']}`", f"{_f(r['progress'])} ± {_f(r['progress_sd'])}", "no" if r["trains"] else "**stuck**",
+                         gate, *(_f(r["scores"].get(n, math.nan), 2) for n in show),
+                         *(_f(r[f"trial{k}"]) for k in ks), ", ".join(x.split(":")[0] for x in r["audit_fired"])])
+        lines += _table(["setting", "progress", "stuck", "gate", *show, *(f"trial{k}" for k in ks), "errors fired"], body)
+        errs = [r for r in s["rows"] if r["audit_error"]]
+        if errs:
+            lines += ["", "Audit errors: " + "; ".join(f"`{r['id']}`: {r['audit_error']}" for r in errs)]
+        if s.get("planted"):
+            lines += ["", f"Planted change: rank {s['meta']['planted_rank']} in {', '.join(s['meta']['planted_layers'])}.", ""]
+            body = [[f"`{p['setting']}`", str(p["flagged"]), ", ".join(p["planted_flagged"]) or "-", str(p["others_flagged"]),
+                     ", ".join(f"{k.split('model.')[-1]}={v}" for k, v in p["r_star_planted"].items()),
+                     str(p["r_star_others_median"])] for p in s["planted"]]
+            lines += _table(["setting", "layers flagged needs_higher_rank", "planted flagged", "others flagged",
+                             "r_star planted", "r_star others (median)"], body)
+        lines.append("")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,65 @@
+"""Spearman's rank correlation (ties: average ranks), confusion matrices, balanced accuracy.
+
+scipy is not a dependency of the project; this is the textbook definition
+(Pearson correlation of average ranks), which equals scipy.stats.spearmanr.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def average_ranks(xs: Sequence[float]) -> list[float]:
+    """Ranks 1..n; tied values share the mean of the ranks they span."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def pearson(xs: Sequence[float], ys: Sequence[float]) -> float:
+    n = len(xs)
+    if n < 3:
+        return math.nan
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return math.nan  # a constant predictor ranks nothing
+    return sxy / math.sqrt(sxx * syy)
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, int]:
+    """(rho, n) over the pairs where both values are finite."""
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
+    if not pairs:
+        return math.nan, 0
+    px, py = zip(*pairs, strict=True)
+    return pearson(average_ranks(px), average_ranks(py)), len(pairs)
+
+
+def confusion(predicted: Sequence[bool | None], actual: Sequence[bool]) -> dict[str, float]:
+    """Positive = trains. tp: passed & trains, fn: rejected & trains, fp: passed & stuck, tn: rejected & stuck."""
+    c = {"tp": 0, "fn": 0, "fp": 0, "tn": 0, "missing": 0}
+    for p, a in zip(predicted, actual, strict=True):
+        if p is None:
+            c["missing"] += 1
+        elif a:
+            c["tp" if p else "fn"] += 1
+        else:
+            c["fp" if p else "tn"] += 1
+    tpr = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else math.nan
+    tnr = c["tn"] / (c["tn"] + c["fp"]) if c["tn"] + c["fp"] else math.nan
+    parts = [r for r in (tpr, tnr) if math.isfinite(r)]
+    out: dict[str, float] = {k: float(v) for k, v in c.items()}
+    out.update(tpr=tpr, tnr=tnr, balanced_accuracy=sum(parts) / len(parts) if parts else math.nan)
+    return out

@@ -1,0 +1,361 @@
+"""Validation subjects: a checkpoint the audit reads, a calibration file, a task sampler and a grid.
+
+Each subject is built locally with a fixed seed (nothing is downloaded) under
+validation/out/subjects/NAME/ and fails in its own way:
+
+* reversal  -- the bundled tiny Llama (copy task) fine-tuned to reverse (examples/tiny-llama);
+* encoder   -- a small BERT pre-trained briefly with MLM, fine-tuned with an in-batch
+               contrastive loss to match a string with its cipher (custom --loss, pair batches);
+* planted   -- the tiny Llama must match a target that differs from it by a known rank-4
+               change in two known layers (rank verdicts can be checked);
+* schedule  -- the reversal task with warmup + cosine decay to 1e-6: bf16 without master
+               weights stops moving as the lr decays, fp32 master weights do not.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import losses
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from trainer import Setting
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+HELDOUT = 256
+HELDOUT_SEED = 777  # never a training seed (those are 10_000 + seed)
+CALIB_SEED = 555
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Subject:
+    name: str
+    description: str
+    ckpt: Path
+    calib: Path
+    load_model: Callable[[], nn.Module]
+    sample: Callable[[int, torch.Generator], Batch]
+    loss: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+    settings: list[Setting]
+    build: Callable[[], None] = lambda: None
+    heads: tuple[str, ...] = ("lm_head",)
+    attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    eval_chunk: int = 64
+    audit_args: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    _heldout: Batch | None = None
+
+    def heldout(self) -> Batch:
+        """The fixed held-out set: 256 examples of the task, from a seed no run trains on."""
+        if self._heldout is None:
+            self._heldout = self.sample(HELDOUT, torch.Generator().manual_seed(HELDOUT_SEED))
+        return self._heldout
+
+
+def _hf_load(path: Path, cls_name: str) -> Callable[[], nn.Module]:
+    def load() -> nn.Module:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        cls = getattr(transformers, cls_name)
+        return cls.from_pretrained(str(path), dtype=torch.float32, local_files_only=True)
+
+    return load
+
+
+# ---------------------------------------------------------------- the tiny Llama tasks
+
+
+def _tiny() -> Any:
+    sys.path.insert(0, str(EXAMPLES))
+    import make_tiny_llama
+
+    return make_tiny_llama
+
+
+def reverse_batch(n: int, gen: torch.Generator) -> Batch:
+    """make_tiny_llama's fine-tuning task: reverse 8 tokens after a separator; the answer is scored."""
+    tiny = _tiny()
+    ids = tiny.copy_task(n, gen, reverse=True)
+    labels = ids.clone()
+    labels[:, : tiny.SPAN + 1] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+S = Setting
+
+
+def _reversal_grid() -> list[Setting]:
+    return [
+        S("fp32", 0, lr=1e-4),
+        S("bf16", 0, lr=1e-5, master="none"),
+        S("bf16", 0, lr=1e-5, master="none", rounding="stochastic"),
+        S("bf16", 0, lr=1e-5, master="fp32"),
+        S("bf16", 0, lr=1e-4, master="none"),
+        S("bf16", 0, lr=1e-3, master="none"),
+        S("fp8_e4m3", 0, lr=1e-4, master="fp32"),
+        S("fp8_e4m3", 0, lr=1e-4, master="none"),
+        S("fp8_e4m3", 0, lr=1e-3, master="none", rounding="stochastic"),
+        S("int4", 0, lr=1e-4, master="fp32"),
+        S("bf16", 1, lr=1e-3),
+        S("bf16", 4, lr=1e-3),
+        S("bf16", 16, lr=1e-3),
+        S("bf16", 4, "attention", lr=1e-3),
+        S("bf16", 4, lr=1e-5),
+        S("fp8_e4m3", 4, lr=1e-3),
+        S("int4", 4, lr=1e-3),
+        S("nf4", 16, lr=1e-4),
+    ]
+
+
+def reversal() -> Subject:
+    d = EXAMPLES / "tiny-llama"
+    return Subject(
+        "reversal", "bundled tiny Llama (copy task) fine-tuned to reverse 8 tokens; the issue's case",
+        d, d / "calib.safetensors", _hf_load(d, "LlamaForCausalLM"), reverse_batch, losses.causal_lm,
+        _reversal_grid(),
+    )
+
+
+def _schedule_grid() -> list[Setting]:
+    cos = {"schedule": "cosine", "warmup": 0.1, "lr_min": 1e-6}
+    return [
+        S("bf16", 0, lr=1e-3, master="none", **cos),
+        S("bf16", 0, lr=1e-3, master="none", rounding="stochastic", **cos),
+        S("bf16", 0, lr=1e-3, master="fp32", **cos),
+        S("fp32", 0, lr=1e-3, **cos),
+        S("bf16", 0, lr=1e-4, master="none", **cos),
+        S("bf16", 0, lr=1e-4, master="fp32", **cos),
+        S("fp32", 0, lr=1e-4, **cos),
+        S("fp8_e4m3", 0, lr=1e-3, master="none", **cos),
+        S("fp8_e4m3", 0, lr=1e-3, master="fp32", **cos),
+        S("bf16", 4, lr=1e-3, **cos),
+        S("bf16", 0, lr=1e-3, master="none"),
+        S("bf16", 0, lr=1e-4, master="none"),
+        S("bf16", 0, lr=1e-5, master="none"),
+        S("bf16", 0, lr=1e-5, master="fp32"),
+        S("fp32", 0, lr=1e-5),
+        S("bf16", 4, lr=1e-3),
+    ]
+
+
+def schedule() -> Subject:
+    d = EXAMPLES / "tiny-llama"
+    return Subject(
+        "schedule", "reversal with 10% warmup + cosine decay to 1e-6 (and constant-lr controls); the audit gets the peak lr",
+        d, d / "calib.safetensors", _hf_load(d, "LlamaForCausalLM"), reverse_batch, losses.causal_lm,
+        _schedule_grid(), meta={"audit_lr": "peak lr of the schedule (the audit has no schedule option)"},
+    )
+
+
+# ---------------------------------------------------------------- planted rank
+
+PLANTED_LAYERS = ("model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj")
+PLANTED_RANK = 4
+PLANTED_SCALE = 10.0  # ||delta||_F / ||W||_F: the target disagrees with the student on ~2/3 of the answers
+
+
+@cache
+def planted_target() -> nn.Module:
+    """The student plus a rank-4 change in PLANTED_LAYERS (fixed seed)."""
+    model = _hf_load(EXAMPLES / "tiny-llama", "LlamaForCausalLM")()
+    gen = torch.Generator().manual_seed(4)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name in PLANTED_LAYERS:
+            w = mods[name].weight
+            u = torch.randn(w.shape[0], PLANTED_RANK, generator=gen)
+            v = torch.randn(PLANTED_RANK, w.shape[1], generator=gen)
+            delta = u @ v
+            w += delta * (PLANTED_SCALE * w.norm() / delta.norm())
+    model.eval()
+    return model
+
+
+def planted_batch(n: int, gen: torch.Generator) -> Batch:
+    """Copy-task inputs; labels = the target's greedy next token on the answer positions."""
+    tiny = _tiny()
+    ids = tiny.copy_task(n, gen)
+    with torch.no_grad():
+        pred = planted_target()(input_ids=ids).logits.argmax(-1)
+    labels = torch.full_like(ids, -100)
+    labels[:, tiny.SPAN + 1 :] = pred[:, tiny.SPAN : -1]  # HF shifts labels left by one
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _planted_grid() -> list[Setting]:
+    return [
+        S("fp32", 0, lr=1e-3),
+        S("fp32", 0, lr=1e-4),
+        S("bf16", 0, lr=1e-4, master="fp32"),
+        S("bf16", 0, lr=1e-5, master="none"),
+        S("fp8_e4m3", 0, lr=1e-4, master="none"),
+        S("bf16", 1, lr=1e-3),
+        S("bf16", 4, lr=1e-3),
+        S("bf16", 16, lr=1e-3),
+        S("bf16", 1, lr=1e-4),
+        S("bf16", 16, lr=1e-4),
+        S("bf16", 4, "attention", lr=1e-3),
+        S("bf16", 4, "mlp", lr=1e-3),
+        S("bf16", 4, lr=1e-5),
+        S("fp8_e4m3", 4, lr=1e-3),
+        S("int4", 4, lr=1e-3),
+        S("nf4", 4, lr=1e-3),
+    ]
+
+
+def planted() -> Subject:
+    d = EXAMPLES / "tiny-llama"
+    out = Path(__file__).resolve().parent / "out" / "subjects" / "planted"
+
+    def build() -> None:
+        if (out / "calib.safetensors").is_file():
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        batch = planted_batch(64, torch.Generator().manual_seed(CALIB_SEED))
+        save_file(batch, str(out / "calib.safetensors"), metadata={"task": "match a rank-4 planted target"})
+
+    return Subject(
+        "planted", f"tiny Llama must match a target = itself + a rank-{PLANTED_RANK} change in {', '.join(PLANTED_LAYERS)}",
+        d, out / "calib.safetensors", _hf_load(d, "LlamaForCausalLM"), planted_batch, losses.causal_lm,
+        _planted_grid(), build=build,
+        meta={"planted_layers": list(PLANTED_LAYERS), "planted_rank": PLANTED_RANK, "planted_scale": PLANTED_SCALE},
+    )
+
+
+# ---------------------------------------------------------------- encoder + contrastive
+
+ENC_VOCAB, ENC_LEN, ENC_CLS = 64, 12, 1
+ENC_CONTENT = 4  # tokens 4..63 are content
+
+
+@cache
+def _chain() -> tuple[torch.Tensor, torch.Tensor]:
+    """A sparse Markov chain over content tokens (3 successors each) and the fine-tuning cipher."""
+    gen = torch.Generator().manual_seed(11)
+    n = ENC_VOCAB - ENC_CONTENT
+    succ = torch.stack([torch.randperm(n, generator=gen)[:3] for _ in range(n)]) + ENC_CONTENT
+    perm = torch.randperm(n, generator=gen) + ENC_CONTENT
+    return succ, torch.cat([torch.arange(ENC_CONTENT), perm])
+
+
+def chain_strings(n: int, gen: torch.Generator) -> torch.Tensor:
+    succ, _ = _chain()
+    x = torch.empty(n, ENC_LEN, dtype=torch.long)
+    x[:, 0] = torch.randint(ENC_CONTENT, ENC_VOCAB, (n,), generator=gen)
+    for t in range(1, ENC_LEN):
+        pick = torch.randint(0, 3, (n,), generator=gen)
+        x[:, t] = succ[x[:, t - 1] - ENC_CONTENT, pick]
+    return x
+
+
+def pair_batch(n: int, gen: torch.Generator) -> Batch:
+    """(a, b): a string of the chain and its cipher (a fixed permutation of the tokens)."""
+    _, perm = _chain()
+    a = chain_strings(n, gen)
+    b = perm[a]
+    cls = torch.full((n, 1), ENC_CLS)
+    a, b = torch.cat([cls, a], 1), torch.cat([cls, b], 1)
+    ones = torch.ones_like(a)
+    return {"a_input_ids": a, "a_attention_mask": ones, "b_input_ids": b, "b_attention_mask": ones.clone()}
+
+
+def _bert_config() -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=ENC_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      intermediate_size=128, max_position_embeddings=32, type_vocab_size=1,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def _pretrain_encoder(out: Path, steps: int = 300) -> None:
+    """MLM on chain strings for a few seconds, then the encoder saved as a BertModel directory."""
+    import transformers
+    from transformers import BertForMaskedLM, BertModel
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = _bert_config()
+    mlm = BertForMaskedLM(config)
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(mlm.parameters(), lr=1e-3)
+    for _ in range(steps):
+        x = torch.cat([torch.full((32, 1), ENC_CLS), chain_strings(32, gen)], 1)
+        mask = torch.rand(x.shape, generator=gen) < 0.2
+        mask[:, 0] = False
+        labels = torch.where(mask, x, torch.full_like(x, -100))
+        inputs = torch.where(mask, torch.full_like(x, 2), x)  # 2 = [MASK]
+        loss = mlm(input_ids=inputs, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    encoder = BertModel(config)  # with a pooler (unused by mean pooling), so the directory loads strictly
+    missing = encoder.load_state_dict(mlm.bert.state_dict(), strict=False)
+    assert all(k.startswith("pooler.") for k in missing.missing_keys), missing
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps({"steps": steps, "final_mlm_loss": float(loss)}))
+
+
+def _encoder_grid() -> list[Setting]:
+    return [
+        S("fp32", 0, lr=1e-4),
+        S("bf16", 0, lr=1e-5, master="none"),
+        S("bf16", 0, lr=1e-5, master="fp32"),
+        S("bf16", 0, lr=1e-4, master="none"),
+        S("bf16", 0, lr=1e-3, master="none"),
+        S("fp8_e4m3", 0, lr=1e-4, master="fp32"),
+        S("fp8_e4m3", 0, lr=1e-4, master="none"),
+        S("fp8_e4m3", 0, lr=1e-4, master="none", rounding="stochastic"),
+        S("int4", 0, lr=1e-4, master="fp32"),
+        S("bf16", 1, lr=1e-3),
+        S("bf16", 4, lr=1e-3),
+        S("bf16", 16, lr=1e-3),
+        S("bf16", 4, "attention", lr=1e-3),
+        S("bf16", 4, lr=1e-5),
+        S("int4", 4, lr=1e-3),
+        S("nf4", 4, lr=1e-3),
+    ]
+
+
+def encoder() -> Subject:
+    out = Path(__file__).resolve().parent / "out" / "subjects" / "encoder"
+    ckpt = out / "ckpt"
+
+    def build() -> None:
+        if not (ckpt / "config.json").is_file():
+            _pretrain_encoder(ckpt)
+        if not (out / "calib.safetensors").is_file():
+            batch = pair_batch(64, torch.Generator().manual_seed(CALIB_SEED))
+            save_file(batch, str(out / "calib.safetensors"), metadata={"task": "match a string with its cipher"})
+
+    loss_path = Path(__file__).resolve().parent / "losses.py"
+    return Subject(
+        "encoder", "small BERT (MLM-pretrained) fine-tuned with an in-batch contrastive loss on (string, cipher) pairs",
+        ckpt, out / "calib.safetensors", _hf_load(ckpt, "BertModel"), pair_batch, losses.contrastive,
+        _encoder_grid(), build=build, heads=(), attention=("query", "key", "value", "attention.output.dense"),
+        eval_chunk=8, audit_args=["--loss", f"{loss_path}:contrastive"],
+    )
+
+
+SUBJECTS: dict[str, Callable[[], Subject]] = {
+    "reversal": reversal, "encoder": encoder, "planted": planted, "schedule": schedule,
+}
+
+
+def get(name: str) -> Subject:
+    subject = SUBJECTS[name]()
+    subject.build()
+    return subject
