@@ -172,7 +172,8 @@ def test_an_output_that_is_an_input_is_refused_before_the_run(capsys, tmp_path, 
     elif case == "peft-config":
         target = tmp_path / "adapter_config.json"
         target.write_text('{"r": 4, "target_modules": ["net.0"]}')
-        args += ["--peft-config", str(target)]
+        calib = write_safetensors(tmp_path / "calib.safetensors", {"inputs": tiny_mlp_state()["net.0.weight"]})
+        args += ["--peft-config", str(target), "--calib", str(calib)]
     elif case != "checkpoint":  # the dynamic audit's files: refused before any model is built or data read
         calib = write_safetensors(tmp_path / "calib.safetensors", {"inputs": tiny_mlp_state()["net.0.weight"]})
         val = write_safetensors(tmp_path / "val.safetensors", {"inputs": tiny_mlp_state()["net.0.weight"]})
