@@ -398,6 +398,7 @@ def run_burst(
             first = None
         real.restore(final)
         shadow_end = _shadow_loss(real, evaluator, real.stored(), eval_batch)
+        report(BurstEvent(setting.id, "end", options.steps))
     schedule = options.schedule or Schedule()
     scales = schedule.factors(setting.optimizer.lr)
     hists = {layer: d.hist for layer, d in layers.items()}

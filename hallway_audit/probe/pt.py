@@ -34,11 +34,15 @@ from torch import Tensor, nn
 
 from ..model.data import MicroBatches, take
 from .engine import Batch, LossEvaluator
+from .events import Part
 from .realize import Realization
 from .shares import COUPLED, FOLDED, ExampleShares, SharesVerdict
 from .stats import excludes_half, wilson_interval
 
 Direction = dict[str, Tensor]
+# progress(part, sample, layer, layers) after each piece of a state's work: "setup" (its
+# losses and gradients), then each "optimizer", "uniform" and per-"layer" sample (1-based)
+PtProgress = Callable[[Part, int, int, int], None]
 
 
 @dataclass
@@ -166,6 +170,7 @@ def measure_pt(
     module: nn.Module | None = None,
     known: StateGradients | None = None,
     verdict: SharesVerdict | None = None,
+    progress: PtProgress | None = None,
 ) -> PtAtState:
     """All p_t figures at the current state of `real` (its phi is left unchanged).
 
@@ -190,6 +195,8 @@ def measure_pt(
         captured = sum(float(v.double().square().sum()) for v in real.project(g_val).values())
         total = sum(float(v.double().square().sum()) for v in g_val.values())
         out.psi_val = (captured / total) ** 0.5 if total > 0 else None
+    if progress is not None:
+        progress("setup", 0, 0, 0)
 
     checked = False
 
@@ -233,7 +240,7 @@ def measure_pt(
     def done(rate: Rate) -> bool:
         return early_stop and rate.n >= 16 and rate.n % 8 == 0 and excludes_half(rate.successes, rate.n)
 
-    for _ in range(samples):
+    for n in range(1, samples + 1):
         signal = normalized(proposal_signal())
         noise = normalized(real.gaussian(generator)) if sigma > 0 else None
         direction = normalized(combine(signal, noise, sigma)) if noise is not None else signal
@@ -242,19 +249,23 @@ def measure_pt(
             dot = sum(float(torch.dot(g_full[k].reshape(-1), u[k].reshape(-1))) for k in real.trainable if layer_of[k] == layer)
             out.surrogate[layer].add(dot < 0)
         out.blocked += trial(u, out.optimizer, out.val)
+        if progress is not None:
+            progress("optimizer", n, 0, 0)
         if done(out.optimizer):
             break
-    for _ in range(samples):
+    for n in range(1, samples + 1):
         u = scaled(normalized(real.gaussian(generator)), radius)
         out.blocked_uniform += trial(u, out.uniform, None)
+        if progress is not None:
+            progress("uniform", n, 0, 0)
         if done(out.uniform):
             break
     if per_layer_radius is not None:
-        for layer in layers:
+        for li, layer in enumerate(layers):
             keys = [k for k in real.trainable if layer_of[k] == layer]
             rate = Rate()
             r_l = per_layer_radius.get(layer, 0.0)
-            for _ in range(samples):
+            for n in range(1, samples + 1):
                 full_signal = proposal_signal()
                 sig = {k: full_signal[k] for k in keys}
                 noise = real.gaussian(generator)
@@ -264,6 +275,8 @@ def measure_pt(
                 u = {k: torch.zeros_like(stored[k]) for k in real.trainable}
                 u.update(scaled(d, -r_l))
                 trial(u, rate, None)
+                if progress is not None:
+                    progress("layer", n, li, len(layers))
                 if done(rate):
                     break
             out.realized_layer[layer] = rate

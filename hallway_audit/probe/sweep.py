@@ -7,7 +7,7 @@ supplies its own weights to the one module through functional_call.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -15,6 +15,8 @@ from torch import nn
 from ..model.data import batch_size
 from .burst import BurstOptions, BurstProgress, run_burst, token_count
 from .engine import Batch, LossFn
+from .estimate import SweepEstimate, estimate_sweep
+from .events import BurstEvent, ProgressEvent
 from .result import SettingResult
 from .settings import Setting
 from .shares import SharesVerdict
@@ -35,6 +37,7 @@ class DynamicResult:
     settings: list[SettingResult]
     seconds: float
     notes: list[str] = field(default_factory=list)  # for the report's notes: slow paths taken and why
+    estimate: SweepEstimate | None = None  # the planned passes, to compare with each setting's cost
 
 
 def run_sweep(
@@ -56,9 +59,17 @@ def run_sweep(
     base = param_dict(module)
     device = str(next(iter(base.values())).device)
     verdict = SharesVerdict()  # one loss for every setting: coupling found once holds for all
+    estimate = estimate_sweep(
+        settings, params, options, train_examples=batch_size(train),
+        val_examples=batch_size(val) if val is not None else 0,
+        weight_bytes=sum(t.numel() * t.element_size() for t in base.values()),
+    )
+    if progress is not None:
+        progress(estimate)  # the plan, before any pass
     results = [
-        run_burst(s, module, loss_fn, loss_name, params, base, train, val, options, progress, verdict)
-        for s in settings
+        run_burst(s, module, loss_fn, loss_name, params, base, train, val, options,
+                  _placed(progress, i, len(settings)), verdict)
+        for i, s in enumerate(settings)
     ]
     return DynamicResult(
         model_source=model_source,
@@ -73,7 +84,20 @@ def run_sweep(
         settings=results,
         seconds=time.perf_counter() - start,
         notes=slow_path_notes(results),
+        estimate=estimate,
     )
+
+
+def _placed(progress: BurstProgress | None, index: int, count: int) -> BurstProgress | None:
+    """The sweep's callback, with each event told its setting's place in the sweep."""
+    if progress is None:
+        return None
+    report = progress
+
+    def placed(event: ProgressEvent) -> None:
+        report(replace(event, index=index, settings=count) if isinstance(event, BurstEvent) else event)
+
+    return placed
 
 
 def slow_path_notes(results: list[SettingResult]) -> list[str]:
