@@ -20,6 +20,7 @@ from .errors import (
 )
 from .lattice import Format, Lattice, get_format, list_formats
 from .metrics import METRICS, Metric
+from .plan import AuditPlan, build_plan
 from .probe import BurstOptions, DynamicResult, Setting, SettingResult, SweepSpec
 from .recommend import Recommendation
 from .report import get_formatter
@@ -28,6 +29,7 @@ from .static import StaticResult, run_static
 
 __all__ = [
     "METRICS",
+    "AuditPlan",
     "AuditResult",
     "BurstOptions",
     "Checkpoint",
@@ -56,6 +58,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "audit",
+    "build_plan",
     "evaluate",
     "get_format",
     "get_formatter",

@@ -12,10 +12,16 @@ import torch
 
 from .checkpoint import open_checkpoint
 from .errors import ExitCode, UsageError
-from .probe import BurstOptions, DynamicResult, SweepSpec, resolve_device, run_sweep
+from .plan import DEFAULT_FORMATS as DEFAULT_FORMATS  # re-exported: hallway_audit.audit's public names
+from .plan import DEFAULT_LR as DEFAULT_LR
+from .plan import AuditPlan, DynamicPlan, resolve_plan
+from .plan.fit import check_ranks_fit
+from .probe import DynamicResult, resolve_device, run_sweep
 from .probe.burst import BurstProgress
 from .recommend import Recommendation, recommend
-from .rules import FAIL_ON, Outcome, RuleSet, evaluate, load_rules, severity_rank
+from .rules import FAIL_ON as FAIL_ON
+from .rules import Outcome, RuleSet, evaluate, load_rules, severity_rank
+from .rules.loader import rule_resolution_notes
 from .static import StaticResult, run_static
 from .static.audit import Progress
 from .subjects import dynamic_subjects, static_subjects
@@ -23,8 +29,6 @@ from .subjects import dynamic_subjects, static_subjects
 if TYPE_CHECKING:  # the model package is imported only when a dynamic audit runs
     from .model import Batch, LoadedModel, LossFn
 
-DEFAULT_FORMATS = ("bf16", "fp8_e4m3")
-DEFAULT_LR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -80,19 +84,6 @@ def decide_gate(outcomes: list[Outcome], fail_on: str, dynamic: DynamicResult | 
 
 
 @dataclass
-class DynamicPlan:
-    """What the dynamic audit needs beyond the checkpoint: data, and the settings to probe."""
-
-    calib: str
-    model: str | None = None  # --model module:factory or file.py:factory; None: the HF directory's architecture
-    val: str | None = None  # None: a deterministic 25% split of calib
-    loss: str | LossFn | None = None  # a name, module:function, or fn(model, batch) -> scalar; None: chosen
-    sweep: SweepSpec = field(default_factory=SweepSpec)
-    burst: BurstOptions = field(default_factory=BurstOptions)
-    max_length: int = 128
-
-
-@dataclass
 class AuditResult:
     checkpoint: CheckpointSummary
     static: StaticResult
@@ -120,34 +111,46 @@ class AuditResult:
 
 def audit(
     checkpoint: str | os.PathLike,
+    plan: AuditPlan | None = None,
     *,
-    rules: Sequence[str | os.PathLike] = ("default.yaml",),
-    formats: Sequence[str] = DEFAULT_FORMATS,
-    lr: float = DEFAULT_LR,
-    spectral: bool = False,
-    fail_on: str = "error",
-    device: str | torch.device = "cpu",
+    rules: Sequence[str | os.PathLike] | None = None,
+    formats: Sequence[str] | None = None,
+    lr: float | None = None,
+    spectral: bool | None = None,
+    fail_on: str | None = None,
+    device: str | torch.device | None = None,
     progress: Progress | None = None,
     dynamic: DynamicPlan | None = None,
     burst_progress: BurstProgress | None = None,
 ) -> AuditResult:
     """Audit a checkpoint against rule files; raises a HallwayError subclass on bad input.
 
-    Static figures always; with a DynamicPlan (a calibration batch, and an
-    architecture from a Hugging Face directory or a --model factory) also probe
-    bursts of every setting of the sweep, and a recommendation.
+    `plan` is an AuditPlan from `build_plan` (the CLI's merge of flags, plan YAML
+    and PEFT config); keyword arguments given override it. Without a plan the
+    defaults are rules=("default.yaml",) (() for none), formats=("bf16",
+    "fp8_e4m3"), lr=1e-4, spectral=False, fail_on="error", device="cpu". Every
+    value is checked as the CLI's are. Static figures always; with a DynamicPlan
+    (a calibration batch, and an architecture from a Hugging Face directory or a
+    --model factory) also probe bursts of every setting of the sweep, and a
+    recommendation.
     """
-    if fail_on not in FAIL_ON:
-        raise UsageError(f"--fail-on must be one of {', '.join(FAIL_ON)}, not {fail_on!r}")
-    if not lr > 0:
-        raise UsageError(f"--lr must be a positive number, not {lr!r}")
-    ruleset = load_rules(list(rules)) if rules else load_rules([])
-    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    plan = resolve_plan(
+        plan,
+        {"rules": rules, "formats": formats, "lr": lr, "spectral": spectral, "fail_on": fail_on, "device": device,
+         "dynamic": dynamic},
+        base=lambda: AuditPlan(device="cpu"),
+    )
+    dynamic, formats, lr, fail_on = plan.dynamic, plan.formats, plan.lr, plan.fail_on
+    notes: list[str] = rule_resolution_notes(plan.rules)
+    ruleset = load_rules(list(plan.rules))
+    dev = resolve_device(str(plan.device)) if not isinstance(plan.device, torch.device) else plan.device
     settings = dynamic.sweep.settings() if dynamic is not None else []  # bad flags fail before any work
     # data, model and loss errors come before the static pass, not after it
     prepared = _prepare_dynamic(checkpoint, dynamic, dev) if dynamic is not None else None
+    if prepared is not None:
+        check_ranks_fit(prepared.loaded.module, settings)  # a rank no targeted layer can hold: before any burst
     with open_checkpoint(checkpoint) as ckpt:
-        static = run_static(ckpt, formats, lr, spectral=spectral, device=dev, progress=progress)
+        static = run_static(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=progress)
         summary = CheckpointSummary(
             path=str(Path(checkpoint)),
             kind=ckpt.kind,
@@ -155,7 +158,6 @@ def audit(
             params=sum(i.numel for i in ckpt.infos()),
             bytes=static.bytes_read,
         )
-    notes: list[str] = []
     dyn_result = None
     if dynamic is None:
         notes.append("static audit only: pass --calib (and --model unless CHECKPOINT is a Hugging Face directory) for probe bursts; dynamic rules are skipped")

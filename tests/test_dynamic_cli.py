@@ -225,11 +225,11 @@ def test_linear_loss_p_t_through_the_cli(capsys, work, optimizer):
 
 def test_rank_and_precision_lists_make_four_settings(capsys, work):
     _, doc = run_json(capsys, work / "net.safetensors", "--model", f"{work / 'factory.py'}:build",
-                      "--calib", work / "calib.safetensors", "--rank", "4,16", "--precision", "bf16,fp8_e4m3",
+                      "--calib", work / "calib.safetensors", "--rank", "2,4", "--precision", "bf16,fp8_e4m3",
                       "--steps", "1", "--samples", "1", "-q")
     check_document(doc, 4)
     assert {(s["precision"]["weights"], s["subspace"]["rank"]) for s in doc["settings"]} == {
-        ("bf16", 4), ("bf16", 16), ("fp8_e4m3", 4), ("fp8_e4m3", 16)}
+        ("bf16", 2), ("bf16", 4), ("fp8_e4m3", 2), ("fp8_e4m3", 4)}
     assert doc["static"]["formats"] == ["bf16", "fp8_e4m3"]
 
 
@@ -239,7 +239,11 @@ def test_command_line_flags_override_the_plan(capsys, work, tmp_path):
         f"model: {work / 'factory.py'}:build\ncalib: {work / 'calib.safetensors'}\n"
         "precision: [fp8_e4m3]\nrank: [8, 16]\nlr: [1.0e-3]\noptimizer: sgd\nsteps: 3\nsamples: 1\nseed: 5\n"
     )
-    _, doc = run_json(capsys, work / "net.safetensors", "--plan", plan, "--rank", "4", "--steps", "1", "-q")
+    # the plan names code (model: file.py:build): imported only with --trust-plan-code
+    code, _, err = run(capsys, work / "net.safetensors", "--plan", plan, "-q")
+    assert code == ExitCode.USAGE and "--trust-plan-code" in err and "model" in err
+    _, doc = run_json(capsys, work / "net.safetensors", "--plan", plan, "--trust-plan-code", "--rank", "4", "--steps",
+                      "1", "-q")
     (s,) = doc["settings"]
     assert s["subspace"]["rank"] == 4  # the flag wins over the plan's [8, 16]
     assert s["precision"]["weights"] == "fp8_e4m3"  # from the plan

@@ -337,7 +337,7 @@ def test_parse_rank_and_sparsity():
     [
         ({"rank": [4], "sparsity": ["0.5"]}, "cannot be combined"),
         ({"rounding": ["floor"]}, "rounding"),
-        ({"master_weights": ["fp16"]}, "master-weights"),
+        ({"master_weights": ["fp16"]}, "master_weights"),
         ({"optimizer": ["lion"]}, "optimizer"),
         ({"lr": [0.0]}, "lr"),
         ({"precision": ["fp7"]}, "fp7"),
@@ -426,7 +426,7 @@ def test_target_presets_on_a_llama():
     assert "lm_head" not in every and len(every) == 2 * 7
     with pytest.raises(UsageError, match="matches no linear layer"):
         select_targets(params, "nothing_here")
-    with pytest.raises(UsageError, match="valid regex"):
+    with pytest.raises(UsageError, match="not a valid regular expression"):
         select_targets(params, "([")
 
 

@@ -108,10 +108,17 @@ def test_missing_rule_file_raises_with_exit_code(tmp_path: Path) -> None:
         load_rules(["no-such-bundled.yaml"])
 
 
-def test_existing_local_file_wins_over_bundled_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bundled_name_wins_over_a_local_file_of_that_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checked-out repository cannot replace the gate's rules by holding a default.yaml:
+    the bare name is the bundled file; the local file is used when named as a path."""
     write(tmp_path, "default.yaml", "rules:\n" + GOOD_RULE.format(id="local-only"))
+    write(tmp_path, "mine.yaml", "rules:\n" + GOOD_RULE.format(id="mine-only"))
     monkeypatch.chdir(tmp_path)
-    assert [r.id for r in load_rules(["default.yaml"])] == ["local-only"]
+    bundled = load_rules(["default.yaml"])
+    assert "local-only" not in [r.id for r in bundled] and "nonfinite-weights" in [r.id for r in bundled]
+    assert [r.id for r in load_rules(["./default.yaml"])] == ["local-only"]
+    assert [r.id for r in load_rules([tmp_path / "default.yaml"])] == ["local-only"]
+    assert [r.id for r in load_rules(["mine.yaml"])] == ["mine-only"]  # not a bundled name: the local file
 
 
 # --- extends and combining ----------------------------------------------------------------

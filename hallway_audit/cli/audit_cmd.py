@@ -6,9 +6,8 @@ import sys
 
 import click
 
-from ..audit import DEFAULT_FORMATS, DEFAULT_LR, FAIL_ON, DynamicPlan, audit
-from ..errors import UsageError
-from ..probe import BurstOptions, SweepSpec, apply_peft_config, from_mapping, load_plan
+from ..audit import FAIL_ON, audit
+from ..plan import DEFAULT_FORMATS, DEFAULT_LR, DEFAULTS, build_plan
 from ..report.document import as_document
 from ..report.inputs import run_inputs
 from .app import cli
@@ -20,22 +19,32 @@ def _split_list(values: tuple[str, ...]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
-# Options that shape the sweep, as plan keys: a flag given on the command line
-# overrides the plan file and the PEFT config.
-_SWEEP_FLAGS = ("precision", "act_precision", "rounding", "master_weights", "rank", "targets", "alpha", "rslora",
-                "sparsity", "lr", "optimizer")
-_BURST_FLAGS = ("steps", "samples", "seed", "p_every", "sigma", "micro_batch", "eval_batch")
+# Parameters of audit_command that are plan keys (the rest shape the report), by plan key.
+_PLAN_PARAMS = {
+    "rules": "rules", "no_rules": "no_rules", "precision": "precision", "lr": "lr", "spectral": "spectral",
+    "fail_on": "fail_on", "device": "device", "calib": "calib", "val": "val", "model_spec": "model",
+    "loss_spec": "loss", "rank": "rank", "targets": "targets", "alpha": "alpha", "rslora": "rslora",
+    "sparsity": "sparsity", "act_precision": "act_precision", "rounding": "rounding",
+    "master_weights": "master_weights", "optimizer": "optimizer", "steps": "steps", "samples": "samples",
+    "p_every": "p_every", "sigma": "sigma", "micro_batch": "micro_batch", "eval_batch": "eval_batch",
+    "seed": "seed", "per_layer_p": "per_layer_p", "no_early_stop": "no_early_stop", "max_length": "max_length",
+}
+_COMMA_LISTS = ("precision", "lr", "rank", "sparsity", "act_precision", "rounding", "master_weights", "optimizer")
 
 
 def _explicit(ctx: click.Context, name: str) -> bool:
     return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
 
-def _float_list(values: tuple[str, ...], flag: str) -> list[float]:
-    try:
-        return [float(v) for v in _split_list(values)]
-    except ValueError:
-        raise click.BadParameter(f"expected numbers, got {', '.join(values)}", param_hint=flag) from None
+def explicit_flags(ctx: click.Context) -> dict[str, object]:
+    """The plan keys the user typed on the command line (a default is not a choice)."""
+    flags: dict[str, object] = {}
+    for param, key in _PLAN_PARAMS.items():
+        if not _explicit(ctx, param):
+            continue
+        value = ctx.params[param]
+        flags[key] = _split_list(value) if key in _COMMA_LISTS else list(value) if key == "rules" else value
+    return flags
 
 
 @cli.command("audit")
@@ -69,89 +78,39 @@ def _float_list(values: tuple[str, ...], flag: str) -> list[float]:
 @click.option("--rounding", "rounding", multiple=True, metavar="MODES", help="nearest, stochastic (comma-separated). [default: nearest]")
 @click.option("--master-weights", "master_weights", multiple=True, metavar="KINDS", help="fp32 or none (comma-separated). [default: fp32]")
 @click.option("--optimizer", "optimizer", multiple=True, metavar="NAMES", help="adamw, sgd (comma-separated). [default: adamw]")
-@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Optimizer steps per burst.")
-@click.option("--samples", type=click.IntRange(min=1), default=64, show_default=True, help="p_t moves sampled per measured state.")
-@click.option("--p-every", type=click.IntRange(min=0), default=0, show_default=True, help="Measure p_t every N steps (0: first and last state).")
-@click.option("--sigma", type=click.FloatRange(min=0), default=0.5, show_default=True, help="Noise of the optimizer proposal, relative to its signal.")
-@click.option("--micro-batch", type=click.IntRange(min=1), default=8, show_default=True, help="Examples per optimizer step.")
-@click.option("--eval-batch", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--steps", type=int, default=DEFAULTS["steps"], show_default=True, help="Optimizer steps per burst (1 to 10000).")
+@click.option("--samples", type=int, default=DEFAULTS["samples"], show_default=True, help="p_t moves sampled per measured state (1 to 100000).")
+@click.option("--p-every", type=int, default=DEFAULTS["p_every"], show_default=True, help="Measure p_t every N steps (0: first and last state).")
+@click.option("--sigma", type=float, default=DEFAULTS["sigma"], show_default=True, help="Noise of the optimizer proposal, relative to its signal (>= 0).")
+@click.option("--micro-batch", type=int, default=DEFAULTS["micro_batch"], show_default=True, help="Examples per optimizer step.")
+@click.option("--eval-batch", type=int, default=DEFAULTS["eval_batch"], show_default=True,
               help="Examples of the fixed batch that judges realized losses, p_t moves and activation cells.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of micro-batches, adapters, masks and p_t samples.")
+@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True, help="Seed of micro-batches, adapters, masks and p_t samples (0 to 2**63-1).")
 @click.option("--per-layer-p", is_flag=True, help="Also measure realized p_t per layer (one sampling run per layer).")
 @click.option("--no-early-stop", is_flag=True, help="Always draw --samples moves, even once the interval excludes 1/2.")
-@click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True, help="Token limit for text calibration files.")
+@click.option("--max-length", type=int, default=DEFAULTS["max_length"], show_default=True, help="Token limit for text calibration files.")
 @click.option("--plan", "plan_file", metavar="FILE", help="Plan YAML with the keys above (flags given on the command line win).")
 @click.option("--peft-config", metavar="FILE", help="PEFT adapter_config.json: r, target_modules, lora_alpha, use_rslora, rank_pattern.")
+@click.option("--trust-plan-code", is_flag=True,
+              help="Let --plan's model: and loss: import and run the code they name (module:function, file.py:function).")
 @click.pass_context
 def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr, spectral,
                   fail_on, max_rows, device, quiet, calib, val, model_spec, loss_spec, rank, targets, alpha, rslora,
                   sparsity, act_precision, rounding, master_weights, optimizer, steps, samples, p_every, sigma,
-                  micro_batch, eval_batch, seed, per_layer_p, no_early_stop, max_length, plan_file, peft_config):
+                  micro_batch, eval_batch, seed, per_layer_p, no_early_stop, max_length, plan_file, peft_config,
+                  trust_plan_code):
     """Audit CHECKPOINT (.safetensors, sharded index or directory, Hugging Face
     directory, .onnx, .pt/.bin) against the planned formats and rule files; with
     --calib, also run probe bursts of every setting of the sweep."""
-    plan = load_plan(plan_file) if plan_file else {}
-    spec = from_mapping(SweepSpec(precision=list(DEFAULT_FORMATS), lr=[DEFAULT_LR]), plan, plan_file or "plan")
-    if peft_config:
-        spec = apply_peft_config(spec, peft_config)
-    flags = {
-        "precision": _split_list(precision),
-        "act_precision": _split_list(act_precision),
-        "rounding": _split_list(rounding),
-        "master_weights": _split_list(master_weights),
-        "rank": _split_list(rank),
-        "targets": targets,
-        "alpha": alpha,
-        "rslora": rslora,
-        "sparsity": _split_list(sparsity),
-        "lr": _float_list(lr, "--lr"),
-        "optimizer": _split_list(optimizer),
-    }
-    spec = from_mapping(spec, {k: v for k, v in flags.items() if _explicit(ctx, k)}, "command line")
-    burst_values = {"steps": steps, "samples": samples, "seed": seed, "p_every": p_every, "sigma": sigma,
-                    "micro_batch": micro_batch, "eval_batch": eval_batch}
-    for key in _BURST_FLAGS:
-        if key in plan and not _explicit(ctx, key):
-            burst_values[key] = plan[key]
-    calib = calib or plan.get("calib")
-    dynamic = None
-    if calib:
-        dynamic = DynamicPlan(
-            calib=str(calib),
-            model=model_spec or plan.get("model"),
-            val=val or plan.get("val"),
-            loss=loss_spec or plan.get("loss"),
-            sweep=spec,
-            burst=BurstOptions(**burst_values, per_layer_p=per_layer_p, early_stop=not no_early_stop),
-            max_length=max_length,
-        )
-    elif model_spec or val or loss_spec:
-        raise UsageError("--model, --val and --loss are for the dynamic audit: add --calib FILE")
-    if "fail_on" in plan and not _explicit(ctx, "fail_on"):
-        fail_on = str(plan["fail_on"])
-    if "device" in plan and not _explicit(ctx, "device"):
-        device = str(plan["device"])
-    plan_rules = plan.get("rules")
-    if isinstance(plan_rules, str):
-        plan_rules = [plan_rules]
-    rule_files = [] if no_rules else (list(rules) or list(plan_rules or []) or ["default.yaml"])
+    # one merge and one validation for flags, plan YAML and PEFT config (hallway_audit.plan)
+    plan = build_plan(explicit_flags(ctx), plan_file, peft_config, trust_code=trust_plan_code)
+    rule_files, dynamic = list(plan.rules), plan.dynamic
     outputs = prepare_outputs(ctx, run_inputs(  # before any expensive work: a bad output fails now
         checkpoint, rules=rule_files, plan=plan_file, peft_config=peft_config,
         calib=dynamic.calib if dynamic else None, val=dynamic.val if dynamic else None,
         model=dynamic.model if dynamic else None, loss=dynamic.loss if dynamic else None))
     show = not quiet and sys.stderr.isatty()
     with progress_reporter(enabled=show) as progress, burst_reporter(enabled=show) as burst_progress:
-        result = audit(
-            checkpoint,
-            rules=rule_files,
-            formats=spec.precision,
-            lr=spec.lr[0],
-            spectral=spectral,
-            fail_on=fail_on,
-            device=device,
-            progress=progress,
-            dynamic=dynamic,
-            burst_progress=burst_progress,
-        )
+        result = audit(checkpoint, plan, progress=progress, burst_progress=burst_progress)
     emit(as_document(result), outputs, max_rows=max_rows)
     return result.gate.exit_code

@@ -8,13 +8,13 @@ plan YAML, or read from a PEFT adapter_config.json.
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from ..errors import UsageError
 from ..lattice import get_format
+from ..safe_regex import check_name, compile_pattern
 
 Rounding = Literal["nearest", "stochastic"]
 Master = Literal["fp32", "none"]
@@ -93,8 +93,12 @@ class Subspace:
         return alpha / (rank**0.5 if self.rslora else rank)
 
     def rank_for(self, module: str) -> int:
+        """The rank_pattern entry naming `module` (exactly, as a suffix, or as a full-match
+        regex, checked by safe_regex), else the setting's rank."""
+        if self.rank_pattern:
+            check_name(module, "rank_pattern")
         for pattern, r in self.rank_pattern:
-            if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
+            if module == pattern or module.endswith("." + pattern) or compile_pattern(pattern, "rank_pattern").fullmatch(module):
                 return r
         return self.rank
 
@@ -259,47 +263,21 @@ def dedupe(settings: Iterable[Setting]) -> list[Setting]:
 
 
 def from_mapping(spec: SweepSpec, data: Mapping[str, object], source: str) -> SweepSpec:
-    """Apply a plan YAML's keys (the CLI flag names, lists or scalars) onto a SweepSpec."""
+    """Apply a plan mapping's sweep keys (the CLI flag names, lists or scalars) onto a SweepSpec.
 
-    def as_list(value: object) -> list:
-        if isinstance(value, str):
-            return [v.strip() for v in value.split(",") if v.strip()]
-        return list(value) if isinstance(value, (list, tuple)) else [value]
+    Every key is checked by the plan's validation layer (`hallway_audit.plan.values`);
+    keys that are not part of the sweep (steps, calib, rules, ...) are validated and
+    left to `hallway_audit.plan.build_plan`, which merges whole plans.
+    """
+    from ..plan.values import canonical_key, check_value
 
-    known = {"precision", "act_precision", "rounding", "master_weights", "rank", "targets", "alpha", "rslora",
-             "rank_pattern", "sparsity", "lr", "optimizer", "steps", "samples", "seed", "p_every", "sigma",
-             "micro_batch", "eval_batch", "device", "loss", "calib", "val", "model", "rules", "fail_on"}
-    for key in data:
-        if key.replace("-", "_") not in known:
-            raise UsageError(f"{source}: unknown plan key {key!r} (known: {', '.join(sorted(known))})")
-    d = {k.replace("-", "_"): v for k, v in data.items()}
-    if "precision" in d:
-        spec.precision = [str(v) for v in as_list(d["precision"])]
-    if "act_precision" in d:
-        spec.act_precision = [None if str(v).lower() in ("none", "null") else str(v) for v in as_list(d["act_precision"])]
-    if "rounding" in d:
-        spec.rounding = [str(v) for v in as_list(d["rounding"])]
-    if "master_weights" in d:
-        spec.master_weights = [str(v) for v in as_list(d["master_weights"])]
-    if "rank" in d:
-        spec.rank = [parse_rank(v) for v in as_list(d["rank"])]
-    if "targets" in d:
-        spec.targets = str(d["targets"])
-    if "alpha" in d:
-        spec.alpha = float(d["alpha"])  # type: ignore[arg-type]
-    if "rslora" in d:
-        spec.rslora = bool(d["rslora"])
-    if "rank_pattern" in d:
-        if not isinstance(d["rank_pattern"], Mapping):
-            raise UsageError(f"{source}: rank_pattern must be a mapping of module -> rank")
-        spec.rank_pattern = {str(k): parse_rank(v) for k, v in d["rank_pattern"].items()}  # type: ignore[union-attr]
-    if "sparsity" in d:
-        spec.sparsity = [parse_sparsity(str(v)) for v in as_list(d["sparsity"])]
-    if "lr" in d:
-        try:
-            spec.lr = [float(v) for v in as_list(d["lr"])]
-        except (TypeError, ValueError):
-            raise UsageError(f"{source}: lr must be a number or a list of numbers") from None
-    if "optimizer" in d:
-        spec.optimizer = [str(v) for v in as_list(d["optimizer"])]
+    for raw, value in data.items():
+        key = canonical_key(raw, source)
+        checked = check_value(key, value, f"{source}: {raw}")
+        if key in _SWEEP_KEYS:
+            setattr(spec, key, checked)
     return spec
+
+
+_SWEEP_KEYS = ("precision", "act_precision", "rounding", "master_weights", "rank", "targets", "alpha", "rslora",
+               "rank_pattern", "sparsity", "lr", "optimizer")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +9,7 @@ from torch import nn
 
 from ..checkpoint import layer_name
 from ..errors import UsageError
+from ..safe_regex import check_name, compile_pattern
 from .settings import TARGET_PRESETS
 
 # The output head is not a LoRA target under all-linear (PEFT's convention): it maps
@@ -49,11 +49,8 @@ def select_targets(params: list[ParamInfo], targets: str) -> list[ParamInfo]:
         suffixes = TARGET_PRESETS[targets]
         chosen = [p for p in linear if any(p.layer == s or p.layer.endswith("." + s) for s in suffixes)]
     else:
-        try:
-            pattern = re.compile(targets)
-        except re.error as exc:
-            raise UsageError(f"--targets {targets!r} is neither all-linear, attention, mlp nor a valid regex: {exc}") from None
-        chosen = [p for p in linear if pattern.search(p.layer)]
+        pattern = compile_pattern(targets, "--targets")  # refused if unsafe to backtrack (safe_regex)
+        chosen = [p for p in linear if pattern.search(check_name(p.layer, "--targets"))]
     if not chosen:
         names = ", ".join(p.layer for p in linear[:6]) + (" ..." if len(linear) > 6 else "")
         raise UsageError(f"--targets {targets!r} matches no linear layer of the model (linear layers: {names or 'none'})")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.resources import files as _resource_files
@@ -31,6 +32,15 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ..errors import RuleFileError
+from ..safe_load import (
+    MAX_RULE_BYTES_ENV,
+    BoundedLoader,
+    FileProblem,
+    check_size,
+    max_rule_bytes,
+    read_regular_file,
+    yaml_problem,
+)
 
 if TYPE_CHECKING:  # importlib.resources.abc is 3.11+; importlib.abc.Traversable is deprecated there
     from importlib.resources.abc import Traversable
@@ -54,7 +64,6 @@ from .template import check_specs, parse_template
 from .verdicts import VERDICTS
 
 BUNDLED_PACKAGE = "hallway_audit.bundled_rules"
-MAX_FILE_BYTES = 1 << 20
 _YAML_SUFFIXES = (".yaml", ".yml")
 _YAML11_FLOAT = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -82,7 +91,10 @@ class _Source:
 
 
 def _path_source(path: Path) -> _Source:
-    return _Source(str(path.resolve()), str(path), path.read_bytes, path.parent)
+    def read() -> bytes:  # regular files only, size checked before reading (safe_load)
+        return read_regular_file(path, what="rule file", limit=max_rule_bytes(), limit_env=MAX_RULE_BYTES_ENV)
+
+    return _Source(str(path.resolve()), str(path), read, path.parent)
 
 
 def _bundled_source(name: str) -> _Source | None:
@@ -105,18 +117,44 @@ def _bundled_hint() -> str:
 
 
 def _resolve_spec(spec: str | Path) -> _Source | str:
-    """A command-line spec: an existing file wins, else a bare name is a bundled file."""
-    path = Path(spec)
-    if path.is_file():
-        return _path_source(path)
-    if path.is_dir():
-        return "is a directory, not a rule file"
+    """A --rules spec. A bare name of a bundled file (`default.yaml`, `strict`) is always
+    the bundled file, even when the working directory holds a file of that name: a
+    checked-out repository must not be able to replace the gate's rules. A local file
+    is named as a path (`./default.yaml`, anything with a separator, a pathlib.Path)
+    or by a bare name that is not bundled."""
     text = str(spec)
-    if _is_bare(text):
+    if not isinstance(spec, Path) and _is_bare(text):
         src = _bundled_source(text)
         if src is not None:
             return src
-    return f"rule file not found ({_bundled_hint()})"
+    try:
+        st = os.stat(spec)
+    except (OSError, ValueError):
+        if isinstance(spec, Path) and _is_bare(text):
+            src = _bundled_source(text)
+            if src is not None:
+                return src
+        return f"rule file not found ({_bundled_hint()})"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a rule file"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file (a FIFO, device or socket), not a rule file"
+    return _path_source(Path(spec))
+
+
+def rule_resolution_notes(specs: Sequence[str | Path]) -> list[str]:
+    """A note for each bare --rules name that picked the bundled file over a local file of that name."""
+    notes = []
+    for spec in specs:
+        text = str(spec)
+        if isinstance(spec, Path) or not _is_bare(text) or _bundled_source(text) is None:
+            continue
+        if os.path.lexists(text):
+            notes.append(
+                f"--rules {text}: the bundled {text} was used, not the file {text} in the working directory "
+                f"(name it ./{text} to use that file)"
+            )
+    return notes
 
 
 def _resolve_extends(name: str, base: _Source) -> _Source | str:
@@ -241,17 +279,23 @@ class _Loader:
         except OSError as exc:
             self.problem(d, None, f"cannot read rule file: {exc.strerror or exc}")
             return None
-        if len(blob) > MAX_FILE_BYTES:
-            self.problem(d, None, f"rule file larger than {MAX_FILE_BYTES} bytes")
+        except FileProblem as exc:
+            self.problem(d, exc.line, exc.message)
+            return None
+        limit = max_rule_bytes()
+        if len(blob) > limit:
+            self.problem(d, None, f"rule file larger than the limit of {limit} bytes (set {MAX_RULE_BYTES_ENV} to raise it)")
             return None
         try:
             text = blob.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             self.problem(d, None, f"rule file is not UTF-8 text ({exc.reason} at byte {exc.start})")
             return None
-        loader = yaml.SafeLoader(text)
+        loader = BoundedLoader(text)  # SafeLoader bounded in depth; check_size bounds alias expansion
         try:
             node = loader.get_single_node()
+            if node is not None:
+                check_size(node)
             dups = self._raw_duplicates(node)
             data = loader.construct_document(node) if node is not None else None
         except yaml.MarkedYAMLError as exc:
@@ -268,6 +312,12 @@ class _Loader:
             return None
         except RecursionError:
             self.problem(d, None, "malformed YAML: nested too deeply")
+            return None
+        except FileProblem as exc:
+            self.problem(d, exc.line, exc.message)
+            return None
+        except (ValueError, TypeError, OverflowError) as exc:  # a scalar the constructor cannot build
+            self.problem(d, None, yaml_problem(exc).message)
             return None
         finally:
             loader.dispose()
@@ -436,7 +486,7 @@ class _Loader:
         if severity is not None and severity not in SEVERITIES:
             bad("severity", f"severity must be one of {', '.join(SEVERITIES)}, got {severity!r}{suggest(str(severity), SEVERITIES)}")
         verdict = data.get("verdict")
-        if verdict is not None and verdict not in VERDICTS:
+        if verdict is not None and (not isinstance(verdict, str) or verdict not in VERDICTS):
             bad("verdict", f"unknown verdict {verdict!r}{suggest(str(verdict), VERDICTS)} (known: {', '.join(VERDICTS)})")
         meta = data.get("metadata")
         if meta is not None and not isinstance(meta, dict):
