@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from ..audit import FAIL_ON, audit
@@ -12,7 +10,7 @@ from ..report.document import as_document
 from ..report.inputs import run_inputs
 from .app import cli
 from .outputs import emit, output_options, prepare_outputs
-from .progress import burst_reporter, progress_reporter
+from .progress import run_progress
 
 
 def _split_list(values: tuple[str, ...]) -> list[str]:
@@ -109,8 +107,7 @@ def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr
         checkpoint, rules=rule_files, plan=plan_file, peft_config=peft_config,
         calib=dynamic.calib if dynamic else None, val=dynamic.val if dynamic else None,
         model=dynamic.model if dynamic else None, loss=dynamic.loss if dynamic else None))
-    show = not quiet and sys.stderr.isatty()
-    with progress_reporter(enabled=show) as progress, burst_reporter(enabled=show) as burst_progress:
+    with run_progress(quiet=quiet) as (progress, burst_progress):
         result = audit(checkpoint, plan, progress=progress, burst_progress=burst_progress)
     emit(as_document(result), outputs, max_rows=max_rows)
     return result.gate.exit_code
