@@ -26,10 +26,9 @@ MAX_REPORT_BYTES = 512 << 20
 
 
 def as_document(report: AuditResult | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(report, Mapping):
-        return dict(report)
-    text = json.dumps(result_to_dict(report), sort_keys=True, allow_nan=False)
-    return json.loads(text)
+    """The document exactly as a saved report reads back (a result, or its `to_dict()`)."""
+    doc = report if isinstance(report, Mapping) else result_to_dict(report)
+    return json.loads(json.dumps(doc, sort_keys=True, allow_nan=False))
 
 
 # --- checking a saved report -------------------------------------------------------------
