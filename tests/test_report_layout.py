@@ -60,8 +60,8 @@ def test_abbreviation_fits_and_is_a_head_and_a_tail(parts, width):
         pieces = short.split(ELLIPSIS)
         assert len(pieces) in (2, 3) and name.startswith(pieces[0]) and name.endswith(pieces[-1])
         at = len(pieces[0])
-        for piece in pieces[1:]:  # the pieces appear in order and do not overlap
-            found = name.find(piece, at) if piece is not pieces[-1] else len(name) - len(piece)
+        for i, piece in enumerate(pieces[1:], start=1):  # the pieces appear in order and do not overlap
+            found = name.find(piece, at) if i < len(pieces) - 1 else len(name) - len(piece)
             assert found >= at
             at = found + len(piece)
 
