@@ -7,6 +7,7 @@ are the extension points.
 
 __version__ = "0.3.0"
 
+from . import _startup  # noqa: F401  first: in the CLI, an interrupt while torch imports is one line
 from .audit import AuditResult, CheckpointSummary, DynamicPlan, Gate, audit
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from .errors import (

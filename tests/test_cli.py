@@ -242,6 +242,7 @@ def test_out_of_memory_is_exit_6_with_one_line(capsys, monkeypatch, mlp, exc):
         raise exc
 
     monkeypatch.setattr(static_audit, "measure_tensor", exhausted)
+    monkeypatch.setattr(static_audit, "measure_many", exhausted)  # small tensors are measured together
     code, out, err = run(capsys, str(mlp))
     assert code == 6 and out == ""
     assert err.count("\n") == 1 and "out of memory" in err and "Traceback" not in err
@@ -254,5 +255,6 @@ def test_unexpected_exception_is_exit_70_without_traceback(capsys, monkeypatch, 
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(static_audit, "measure_tensor", broken)
+    monkeypatch.setattr(static_audit, "measure_many", broken)  # small tensors are measured together
     code, _, err = run(capsys, str(mlp))
     assert code == 70 and "internal error: ZeroDivisionError" in err and "Traceback" not in err

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hallway_audit import limits
 from hallway_audit.errors import CheckpointError, HallwayError
 
 
@@ -61,8 +62,10 @@ class Checkpoint(abc.ABC):
     # -- subclass hooks -------------------------------------------------------
 
     def _set_infos(self, infos: Iterable[TensorInfo]) -> None:
-        """Record the tensors in their stable order; a name twice is a corrupt file."""
+        """Record the tensors in their stable order; a name twice is a corrupt file,
+        more than HALLWAY_AUDIT_MAX_TENSORS a refusal (exit 6)."""
         self._infos = list(infos)
+        limits.check_tensor_count(len(self._infos), shown(self.path))
         self._by_name = {}
         for info in self._infos:
             if info.name in self._by_name:
@@ -77,7 +80,7 @@ class Checkpoint(abc.ABC):
     def _read(self, info: TensorInfo) -> torch.Tensor:
         """Read one tensor's data (CPU, stored dtype)."""
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027  an optional hook: a reader may hold nothing
         """Drop open handles/mmaps; a later _read may reacquire them."""
 
     # -- public API -----------------------------------------------------------
@@ -95,9 +98,11 @@ class Checkpoint(abc.ABC):
             raise CheckpointError(f"{shown(self.path)}: no tensor named {name!r}")
         try:
             tensor = self._read(info)
-        except (HallwayError, MemoryError):
+        except HallwayError:
             raise
         except Exception as exc:  # a library failing mid-read: say which file and tensor
+            if limits.is_out_of_memory(exc):
+                raise
             raise CheckpointError(
                 f"{shown(info.source)}: cannot read tensor {name!r}: {one_line(exc)}"
             ) from exc

@@ -16,6 +16,7 @@ from hallway_audit.errors import CheckpointError
 
 from . import safetensors_reader, torch_reader
 from .base import Checkpoint, TensorInfo, one_line, shown
+from .paths import ensure_inside
 from .sharded import ShardedCheckpoint, open_index
 
 CONFIG = "config.json"
@@ -77,6 +78,10 @@ def open_dir(path: Path) -> Checkpoint:
 
 
 def _open_weights(path: Path) -> Checkpoint:
+    for name in LAYOUTS:
+        if (path / name).is_file():
+            ensure_inside(path, path / name, where=shown(path), what=repr(name))
+            break
     if (path / "model.safetensors.index.json").is_file():
         return open_index(
             path / "model.safetensors.index.json",

@@ -17,6 +17,7 @@ from hallway_audit.errors import CheckpointError
 
 from . import dtypes
 from .base import Checkpoint, TensorInfo, one_line, shown
+from .paths import confined, ensure_inside
 
 SUFFIX = ".onnx"
 
@@ -31,7 +32,7 @@ class OnnxCheckpoint(Checkpoint):
         if not self._file.is_file():
             raise CheckpointError(f"{where}: no such file")
         import onnx
-        from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+        from onnx.external_data_helper import uses_external_data
 
         try:
             model = onnx.load(str(self._file), load_external_data=False)
@@ -48,26 +49,48 @@ class OnnxCheckpoint(Checkpoint):
                     f"{dtypes.onnx_name(proto.data_type)}"
                 )
             shape = tuple(int(d) for d in proto.dims)
+            if any(d < 0 for d in shape):
+                raise CheckpointError(f"{where}: initializer {proto.name!r} has a negative dimension {list(shape)}")
             nbytes = math.prod(shape) * row.itemsize
             source = self._file
             if uses_external_data(proto):
-                source = self._check_external(proto, ExternalDataInfo(proto), nbytes)
+                source = self._check_external(proto, nbytes)
+            else:
+                _check_inline(where, proto, math.prod(shape), nbytes, row.torch.is_complex)
             infos.append(TensorInfo(proto.name, row.torch, shape, nbytes, source))
             self._protos[proto.name] = proto
         self._set_infos(infos)
 
-    def _check_external(self, proto: Any, ext: Any, nbytes: int) -> Path:
-        """Fail at open, not mid-audit, when an external data file is missing or short."""
+    def _check_external(self, proto: Any, nbytes: int) -> Path:
+        """Fail at open, not mid-audit, when an external data file is outside the
+        model's folder, missing, short, or holds a length other than the dims say.
+
+        The location is confined to the folder before the file is looked at, so
+        a model naming /etc/passwd learns nothing about it (not even its size)."""
+        from onnx.external_data_helper import ExternalDataInfo
+
         where = shown(self._file)
+        try:
+            ext = ExternalDataInfo(proto)
+        except ValueError as exc:
+            raise CheckpointError(
+                f"{where}: initializer {proto.name!r}: bad external data ({one_line(exc)})"
+            ) from exc
         location = str(ext.location or "")
-        data_file = self._base_dir / location
-        if not location or not data_file.is_file():
+        what = f"external data file of initializer {proto.name!r}"
+        data_file = confined(self._base_dir, location, where=where, what=what)
+        if not data_file.is_file():
             raise CheckpointError(
                 f"{where}: external data file {location!r} for initializer "
                 f"{proto.name!r} is missing"
             )
         offset = int(ext.offset or 0)
         length = int(ext.length) if ext.length is not None else nbytes
+        if length != nbytes:
+            raise CheckpointError(
+                f"{where}: initializer {proto.name!r}: dims {list(proto.dims)} need {nbytes} bytes, "
+                f"but its external data length is {length}"
+            )
         size = data_file.stat().st_size
         if offset + length > size:
             raise CheckpointError(
@@ -85,6 +108,21 @@ class OnnxCheckpoint(Checkpoint):
     def close(self) -> None:
         super().close()
         self._protos = {}  # inline initializers live in the proto; let them go
+
+
+def _check_inline(where: str, proto: Any, numel: int, nbytes: int, is_complex: bool) -> None:
+    """The bytes (or values) stored in the graph are what the dims promise: a 100-byte
+    initializer claiming 10^10 elements is refused here, not when numpy is asked for it."""
+    if proto.HasField("raw_data"):
+        held, need, unit = len(proto.raw_data), nbytes, "bytes"
+    else:
+        fields = (proto.float_data, proto.int32_data, proto.int64_data, proto.double_data, proto.uint64_data)
+        held, need, unit = max(len(f) for f in fields), numel * (2 if is_complex else 1), "values"
+    if held != need:
+        raise CheckpointError(
+            f"{where}: initializer {proto.name!r}: dims {list(proto.dims)} need {need} {unit}, "
+            f"the model holds {held}"
+        )
 
 
 def _to_torch(array: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -108,5 +146,6 @@ def _candidates(directory: Path) -> list[Path]:
 def open_path(path: Path) -> Checkpoint:
     if path.is_dir():
         (only,) = _candidates(path)
+        ensure_inside(path, only, where=shown(path), what=repr(only.name))
         return OnnxCheckpoint(only, user_path=path)
     return OnnxCheckpoint(path)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hallway_audit.errors import CheckpointError, HallwayError, UnknownNameError
+from hallway_audit.limits import is_out_of_memory
 
 from . import hf, onnx_reader, safetensors_reader, torch_reader
 from .base import Checkpoint, one_line, shown
@@ -60,17 +61,27 @@ def open_checkpoint(path: str | os.PathLike[str], reader: str | None = None) -> 
         raise CheckpointError(f"{shown(p)}: no such file or directory")
     try:
         if reader is not None:
-            return _READERS[reader].open(p)
+            return _not_empty(_READERS[reader].open(p))
         for entry in _READERS.values():
             if entry.detect(p):
-                return entry.open(p)
+                return _not_empty(entry.open(p))
     except HallwayError:
         raise
-    except MemoryError:
-        raise
     except Exception as exc:  # last line of defence: never a library traceback
+        if is_out_of_memory(exc):
+            raise
         raise CheckpointError(f"{shown(p)}: cannot read checkpoint: {one_line(exc)}") from exc
     raise _not_recognised(p)
+
+
+def _not_empty(ckpt: Checkpoint) -> Checkpoint:
+    """An empty checkpoint is almost always a mistake (a failed save, the wrong file):
+    refuse it rather than report a clean audit of nothing."""
+    if len(ckpt):
+        return ckpt
+    ckpt.close()
+    what = "initializers (weights kept in Constant nodes are not read)" if ckpt.kind == "onnx" else "tensors"
+    raise CheckpointError(f"{shown(ckpt.path)}: holds no {what}")
 
 
 def _not_recognised(p: Path) -> CheckpointError:

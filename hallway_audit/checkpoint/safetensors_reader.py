@@ -7,6 +7,7 @@ on: a truncated download, a file that isn't safetensors at all, a bad dtype.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import struct
@@ -16,13 +17,14 @@ from typing import Any
 
 import torch
 
+from hallway_audit import limits
 from hallway_audit.errors import CheckpointError
 
 from . import dtypes
 from .base import Checkpoint, TensorInfo, one_line, shown
 
 SUFFIX = ".safetensors"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+MAX_HEADER_BYTES = limits.MAX_HEADER_BYTES  # safetensors' own limit on the JSON header
 # safe_open hands out tensors backed by one mmap of the whole file; the pages a
 # caller touched stay resident while the handle lives. Reopening the handle after
 # this many bytes keeps resident memory near one tensor instead of the whole file.
@@ -67,6 +69,9 @@ def read_header(path: Path) -> list[HeaderEntry]:
             raw = fh.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{where}: cannot read: {one_line(exc)}") from exc
+    # Every entry has one "data_offsets" key: count them before json.loads builds
+    # a Python object per entry (a 99 MB header holds over a million).
+    limits.check_tensor_count(raw.count(b'"data_offsets"'), where)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -91,7 +96,7 @@ def read_header(path: Path) -> list[HeaderEntry]:
             f"file has {data_size}"
         )
     entries.sort(key=lambda e: (e.begin, e.end))
-    for prev, e in zip(entries, entries[1:]):
+    for prev, e in itertools.pairwise(entries):
         if e.begin < prev.end:
             raise CheckpointError(
                 f"{where}: tensor {e.name!r} data_offsets [{e.begin}, {e.end}] overlap "

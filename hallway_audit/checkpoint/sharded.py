@@ -16,6 +16,7 @@ import torch
 from hallway_audit.errors import CheckpointError
 
 from .base import Checkpoint, TensorInfo, one_line, shown
+from .paths import confined, ensure_inside
 
 ShardOpener = Callable[[Path], Checkpoint]
 
@@ -56,7 +57,10 @@ class ShardedCheckpoint(Checkpoint):
         self._shards: dict[Path, Checkpoint] = {}
         self._current: Checkpoint | None = None
         infos: list[TensorInfo] = []
-        wanted = _by_shard(weight_map) if weight_map is not None else None
+        folder = index_path.parent if index_path is not None else Path(path)
+        wanted = _by_shard(weight_map, folder) if weight_map is not None else None
+        for shard_path in shard_paths:  # before anything is opened or tested for existence
+            ensure_inside(folder, shard_path, where=shown(index_path or path), what=f"shard {shard_path.name!r}")
         missing = [p.name for p in shard_paths if not p.is_file()]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -70,7 +74,7 @@ class ShardedCheckpoint(Checkpoint):
                 self._shards[shard_path] = shard
                 held = shard.infos()
                 if wanted is not None:
-                    names = wanted[shard_path.name]
+                    names = wanted[shard_path]
                     present = {i.name for i in held}
                     absent = sorted(n for n in names if n not in present)
                     if absent:
@@ -101,26 +105,36 @@ class ShardedCheckpoint(Checkpoint):
         self._current = None
 
 
-def _by_shard(weight_map: dict[str, str]) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
+def _by_shard(weight_map: dict[str, str], folder: Path) -> dict[Path, set[str]]:
+    """Tensor names per shard path ("x.safetensors" and "./x.safetensors" are one shard)."""
+    out: dict[Path, set[str]] = {}
     for name, shard in weight_map.items():
-        out.setdefault(shard, set()).add(name)
+        out.setdefault(folder / shard, set()).add(name)
     return out
 
 
 def open_index(index_path: Path, kind: str, open_shard: ShardOpener, user_path: Path) -> Checkpoint:
-    """A checkpoint from a *.index.json, shards in sorted (shard-number) order."""
+    """A checkpoint from a *.index.json, shards in sorted (shard-number) order.
+
+    Shard names are confined to the index's folder before any is opened."""
     weight_map = load_index(index_path)
-    shard_paths = [index_path.parent / name for name in sorted(set(weight_map.values()))]
+    where = shown(index_path)
+    shard_paths = sorted(
+        {confined(index_path.parent, name, where=where, what="shard") for name in weight_map.values()}
+    )
     return ShardedCheckpoint(user_path, kind, shard_paths, open_shard, weight_map, index_path)
 
 
 def find_one(directory: Path, pattern: str, preferred: str) -> Path | None:
     """The file matching pattern in directory; `preferred` wins a tie, several others are an error."""
     if (directory / preferred).is_file():
-        return directory / preferred
-    found = sorted(p for p in directory.glob(pattern) if p.is_file())
+        found = [directory / preferred]
+    else:
+        found = sorted(p for p in directory.glob(pattern) if p.is_file())
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
         raise CheckpointError(f"{shown(directory)}: several {pattern} files ({names}); name one")
-    return found[0] if found else None
+    if not found:
+        return None
+    ensure_inside(directory, found[0], where=shown(directory), what=repr(found[0].name))
+    return found[0]

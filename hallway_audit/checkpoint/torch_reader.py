@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
-from hallway_audit.errors import CheckpointError
+from hallway_audit.errors import CheckpointError, HallwayError
+from hallway_audit.limits import is_out_of_memory
 
 from .base import Checkpoint, TensorInfo, one_line, shown
+from .paths import ensure_inside
 
 SUFFIXES = (".pt", ".pth", ".bin")
 INDEX_SUFFIXES = (".bin.index.json", ".pt.index.json", ".pth.index.json")
@@ -50,6 +52,8 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except OSError as exc:
         raise CheckpointError(f"{where}: cannot read: {one_line(exc)}") from exc
     except Exception as exc:  # torch raises RuntimeError/ValueError/EOFError for corrupt files
+        if is_out_of_memory(exc):
+            raise
         raise CheckpointError(f"{where}: not a readable torch checkpoint ({one_line(exc)})") from exc
     return _tensors_of(obj, where)
 
@@ -82,6 +86,46 @@ def _plain_tensors(mapping: Mapping[Any, Any]) -> dict[str, torch.Tensor]:
     }
 
 
+def storage_problem(name: str, tensor: torch.Tensor) -> str | None:
+    """Why `tensor` (as torch.load returned it) must not be used, or None.
+
+    A pickle records each tensor's shape and strides beside its storage, and the two
+    need not agree: torch.zeros(1).expand(200000, 200000) saves as 1.7 KB and would
+    be 4e10 elements (160 GB as float32) once anything copies it. A tensor is refused
+    when it has more elements than its storage holds past its offset (stride-0 or
+    overlapping views): whatever then reads it is bounded by the storage, and the
+    storage by the file. Tensors on a device other than the CPU (meta) hold no data.
+    """
+    if tensor.device.type != "cpu":
+        return f"tensor {name!r} is on device {tensor.device.type!r}, which holds no readable data"
+    if tensor.layout != torch.strided:
+        return None  # skipped by the readers, never materialized
+    itemsize = tensor.element_size()
+    held = tensor.untyped_storage().nbytes() // itemsize - tensor.storage_offset() if itemsize else 0
+    numel = tensor.numel()
+    if numel > max(held, 0):
+        return (
+            f"tensor {name!r} is a view of {numel} elements {list(tensor.shape)} (strides "
+            f"{list(tensor.stride())}) over a storage of {max(held, 0)}: an expand()ed or overlapping "
+            "tensor; re-save it with .contiguous() or .clone()"
+        )
+    return None
+
+
+def check_storage(
+    tensors: Mapping[Any, Any], where: str, error: type[HallwayError] = CheckpointError
+) -> None:
+    """Raise `error` for the first tensor of `tensors` that storage_problem refuses.
+
+    Shared by the checkpoint reader (exit 3) and calibration loading (DataError,
+    exit 8): call it right after torch.load, before anything copies a tensor."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor):
+            problem = storage_problem(str(name), value)
+            if problem is not None:
+                raise error(f"{where}: {problem}")
+
+
 class TorchCheckpoint(Checkpoint):
     """One torch checkpoint file; state dict order is kept (it is module order)."""
 
@@ -91,6 +135,7 @@ class TorchCheckpoint(Checkpoint):
         if not self._file.is_file():
             raise CheckpointError(f"{shown(self._file)}: no such file")
         tensors = load_state_dict(self._file)
+        check_storage(tensors, shown(self._file))
         self._set_infos(
             TensorInfo(
                 name,
@@ -105,7 +150,9 @@ class TorchCheckpoint(Checkpoint):
 
     def _read(self, info: TensorInfo) -> torch.Tensor:
         if self._tensors is None:
-            self._tensors = load_state_dict(self._file)
+            tensors = load_state_dict(self._file)
+            check_storage(tensors, shown(self._file))  # the file may have changed since it was opened
+            self._tensors = tensors
         # detach: hand back a plain Tensor even if a Parameter was saved.
         return self._tensors[info.name].detach()
 
@@ -141,8 +188,10 @@ def open_path(path: Path, kind: str = "torch") -> Checkpoint:
             names = ", ".join(p.name for p in indexes)
             raise CheckpointError(f"{shown(path)}: several index files ({names}); name one")
         if indexes:
+            ensure_inside(path, indexes[0], where=shown(path), what=repr(indexes[0].name))
             return open_index(indexes[0], kind, open_file, path)
         (only,) = _candidates(path)
+        ensure_inside(path, only, where=shown(path), what=repr(only.name))
         return TorchCheckpoint(only, kind, user_path=path)
     if path.name.endswith(INDEX_SUFFIXES):
         return open_index(path, kind, open_file, path)

@@ -23,7 +23,9 @@ import torch
 from hallway_audit.errors import ModelError, ResourceError, UsageError
 
 from ..checkpoint.base import one_line, shown
-from .loaded import OUT_OF_MEMORY, LoadedModel, finish
+from ..limits import is_out_of_memory
+from .loaded import LoadedModel, finish
+from .size import check_config_size, check_model_size
 from .state import mismatch_message
 
 # Any of these beside config.json means the directory ships a tokenizer.
@@ -40,7 +42,7 @@ TOKENIZER_FILES = (
 
 def is_hf_model_dir(config: dict[str, Any] | None) -> bool:
     """A config.json transformers can build from: it names an architecture or a model_type."""
-    return bool(config) and bool(config.get("architectures") or config.get("model_type"))
+    return config is not None and bool(config.get("architectures") or config.get("model_type"))
 
 
 def _transformers(where: str) -> ModuleType:
@@ -150,9 +152,9 @@ def _load_first_that_fits(
     for cls in _model_classes(transformers, config, where):
         try:
             module, info = _load(cls, path, hf_config, _dtype_kwarg(transformers))
-        except OUT_OF_MEMORY as exc:
-            raise ResourceError(f"{where}: out of memory building the model: {one_line(exc)}") from exc
         except Exception as exc:
+            if is_out_of_memory(exc):  # torch's CPU allocator raises a plain RuntimeError
+                raise ResourceError(f"{where}: out of memory building the model: {one_line(exc)}") from exc
             error = ModelError(
                 f"{where}: transformers cannot build {getattr(cls, '__name__', cls)}: "
                 f"{type(exc).__name__}: {one_line(exc)}"
@@ -165,6 +167,14 @@ def _load_first_that_fits(
             return module
         failures.append((True, ModelError(problem)))
     raise next((e for mismatch, e in failures if mismatch), failures[0][1])
+
+
+def _build_empty(transformers: ModuleType, hf_config: Any, config: dict[str, Any], where: str) -> torch.nn.Module:
+    """The architecture from_pretrained would build first, without weights (for sizing on meta)."""
+    cls: Any = _model_classes(transformers, config, where)[0]
+    concrete = isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)
+    module: torch.nn.Module = cls._from_config(hf_config) if concrete else cls.from_config(hf_config)
+    return module
 
 
 def load_tokenizer(path: Path, transformers: ModuleType) -> object | None:
@@ -195,6 +205,7 @@ def optional_tokenizer(path: Path) -> object | None:
 def build_hf_model(path: Path, config: dict[str, Any], device: str | torch.device) -> LoadedModel:
     """The architecture config.json names, its weights from the directory, its tokenizer if any."""
     where = shown(path)
+    check_config_size(config, where, device)  # before transformers parses it: some configs build per-layer lists
     transformers = _transformers(where)
     with _quiet(transformers):
         try:
@@ -206,11 +217,13 @@ def build_hf_model(path: Path, config: dict[str, Any], device: str | torch.devic
                 f"{where}config.json: transformers {transformers.__version__} cannot read it: "
                 f"{type(exc).__name__}: {one_line(exc)}"
             ) from exc
+        check_model_size(lambda: _build_empty(transformers, hf_config, config, where), where, device)
         module = _load_first_that_fits(transformers, path, hf_config, config, where)
         tokenizer = load_tokenizer(path, transformers)
-    if getattr(module.config, "use_cache", None):
+    model_config: Any = getattr(module, "config", None)
+    if getattr(model_config, "use_cache", None):
         # The audit never generates: a KV cache per forward is memory spent for nothing.
-        module.config.use_cache = False
+        model_config.use_cache = False
     name = type(module).__name__
     kind = "hf-causal-lm" if _is_causal_lm(name) else "hf"
     return finish(

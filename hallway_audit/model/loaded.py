@@ -15,9 +15,11 @@ import torch
 from hallway_audit.errors import ResourceError, UsageError
 
 from ..checkpoint.base import one_line
+from ..limits import is_out_of_memory
 
 KINDS = ("hf-causal-lm", "hf", "factory")
-# torch.OutOfMemoryError is torch >= 2.5; the CUDA one is older. Either means "exit 6".
+# torch.OutOfMemoryError is torch >= 2.5; the CUDA one is older. Either means "exit 6"
+# (so does torch's CPU allocator failing, a plain RuntimeError: see limits.is_out_of_memory).
 OUT_OF_MEMORY: tuple[type[BaseException], ...] = (
     MemoryError,
     getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
@@ -53,15 +55,28 @@ def forward_names(module: torch.nn.Module) -> tuple[str, ...]:
     return tuple(p.name for p in params if p.kind in named)
 
 
+RUNNABLE_DEVICES = ("cpu", "cuda")
+
+
 def parse_device(device: str | torch.device) -> torch.device:
     """A torch.device, or a usage error naming what is wrong with the --device value."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise UsageError(f"device {str(device)!r} is not a torch device: {one_line(exc)}") from exc
+    if dev.type not in RUNNABLE_DEVICES:
+        # meta holds no data, and other backends lack float64 or ops the audit uses
+        raise UsageError(
+            f"device {str(device)!r} is not a device the audit can run on: use "
+            + " or ".join(RUNNABLE_DEVICES)
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(
             f"device {str(device)!r} requested, but torch {torch.__version__} sees no CUDA device"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(
+            f"device {str(device)!r} requested, but torch sees {torch.cuda.device_count()} CUDA device(s)"
         )
     return dev
 
@@ -78,7 +93,9 @@ def finish(
     dev = parse_device(device)
     try:
         module = module.float().to(dev)
-    except OUT_OF_MEMORY as exc:
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
         raise ResourceError(f"out of memory moving {source} to {dev}: {one_line(exc)}") from exc
     module.eval()
     return LoadedModel(

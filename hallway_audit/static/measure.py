@@ -33,7 +33,7 @@ import math
 import torch
 
 from ..lattice import Format
-from .tally import FormatTally, Tally, log2_histogram
+from .tally import HIST_BINS, HIST_LO, HIST_PER_OCTAVE, FormatTally, Histogram, Tally, log2_histogram
 
 HIST_SAMPLE = 1 << 16
 CHUNK = 1 << 18
@@ -281,3 +281,83 @@ def measure_tensor(w: torch.Tensor, formats: dict[str, Format], lr: float, *, by
         for name, fmt in scaled.items():
             tally.formats[name] += whole.tally(fmt, lr)
     return tally
+
+
+# Tensors up to this size are measured together (measure_many): below it the fixed
+# cost of ~30 small torch calls per tensor and format, not the arithmetic, is the time.
+SMALL_NUMEL = 4096
+
+
+def _per_segment(seg: torch.Tensor, mask: torch.Tensor, k: int) -> list[int]:
+    """How many elements of each of k segments the boolean mask selects."""
+    return torch.bincount(seg[mask], minlength=k).tolist()
+
+
+def _sum_per_segment(seg: torch.Tensor, values: torch.Tensor, k: int) -> list[float]:
+    return torch.zeros(k, dtype=torch.float64, device=values.device).index_add_(0, seg, values.double()).tolist()
+
+
+def _histograms(seg: torch.Tensor, ratio: torch.Tensor, k: int) -> list[dict[int, int]]:
+    """Each segment's log2(ratio) histogram as {bin: count}, binned as log2_histogram does."""
+    idx = ((torch.log2(ratio) - HIST_LO) * HIST_PER_OCTAVE).floor_().clamp_(0, HIST_BINS - 1).to(torch.int64)
+    keys, counts = torch.unique(seg * HIST_BINS + idx, return_counts=True)
+    out: list[dict[int, int]] = [{} for _ in range(k)]
+    for key, count in zip(keys.tolist(), counts.tolist(), strict=True):
+        out[key // HIST_BINS][key % HIST_BINS] = count
+    return out
+
+
+@torch.no_grad()
+def measure_many(tensors: list[torch.Tensor], formats: dict[str, Format], lr: float) -> list[Tally]:
+    """measure_tensor of each of many small tensors, with one pass per format over all of them.
+
+    The tallies are the ones measure_tensor gives (counts and histograms exactly; sums
+    of squares accumulate in float64 here, so they agree to float32 rounding). Only
+    plain formats (the lattice does not depend on the tensor) and tensors of at most
+    SMALL_NUMEL elements, which measure_tensor histograms element by element.
+    """
+    if any(f.scaled for f in formats.values()):
+        raise ValueError("measure_many takes plain formats only (scaled formats derive scales per tensor)")
+    if any(t.numel() > SMALL_NUMEL for t in tensors):
+        raise ValueError(f"measure_many takes tensors of at most {SMALL_NUMEL} elements")
+    k = len(tensors)
+    if k == 0:
+        return []
+    sizes = [t.numel() for t in tensors]
+    device = tensors[0].device
+    x = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
+    seg = torch.repeat_interleave(torch.arange(k, device=device), torch.tensor(sizes, device=device))
+    finite = torch.isfinite(x)
+    nonfinite = _per_segment(seg, ~finite, k)
+    x = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=device))
+    absx = x.abs()
+    nz = x != 0
+    nonzero = _per_segment(seg, nz, k)
+    signal_sq = _sum_per_segment(seg, x.double().square(), k)
+    seg_nz, abs_nz = seg[nz], absx[nz]
+    tallies = [
+        Tally(params=n, nonfinite=bad, zeros=n - bad - nnz)
+        for n, bad, nnz in zip(sizes, nonfinite, nonzero, strict=True)
+    ]
+    for name, fmt in formats.items():
+        lattice = fmt.at(x)
+        q = lattice.quantize(x)
+        error_sq = _sum_per_segment(seg, (q - x).double().square(), k)
+        flushed = _per_segment(seg, (q == 0) & nz, k)
+        saturated = _per_segment(seg, absx > fmt.max_finite, k)
+        below = movable_below(fmt, lr)
+        movable = _per_segment(seg, (absx < below) & finite, k) if below > 0.0 else [0] * k
+        hists = _histograms(seg_nz, lattice.ulp(abs_nz) / abs_nz, k)
+        for i, tally in enumerate(tallies):
+            n = sizes[i] - nonfinite[i]
+            tally.formats[name] = FormatTally(
+                n=n,
+                nonzero=nonzero[i],
+                signal_sq=signal_sq[i],
+                error_sq=error_sq[i],
+                saturated=saturated[i],
+                flushed=flushed[i],
+                movable=movable[i],
+                hist=Histogram.of_bins(hists[i]),
+            )
+    return tallies
