@@ -47,6 +47,8 @@ _METRICS: tuple[Metric, ...] = (
     Metric("beta_pred", _LM, "static", "fraction of weights an Adam-like step of size lr moves by more than ULP/2"),
     Metric("lr", ("layer", "model", "setting"), "static", "the planned learning rate"),
     Metric("bits", ("layer", "model", "setting"), "static", "bits per element of the weight format"),
+    Metric("rounds_stored", ("layer", "model", "setting"), "static",
+           "1 when the plan updates weights stored in the format without fp32 master weights (or the run is static-only), else 0"),
     # --- dynamic: from probe bursts (v0.2) -----------------------------------------
     Metric("psi", _LM, "dynamic", "gradient capture ||P_S g|| / ||g|| by the realized subspace"),
     Metric("psi_rank", _LM, "dynamic", "capture by the best subspace of the setting's rank"),
@@ -85,8 +87,8 @@ _METRICS: tuple[Metric, ...] = (
     Metric("grad_share", _L, "dynamic", "the layer's share of the squared gradient over what the setting trains"),
     Metric("beta_run", _LM, "dynamic", "fraction of weights forecast to change cell at least once within the planned run (model: gradient-weighted)"),
     Metric("run_moving", _LM, "dynamic", "fraction of the planned run's steps at which the weights still cross cells"),
-    Metric("stall_step", _LM, "dynamic", "the step of the planned run from which the weights stop moving (None: they move to the end)"),
-    Metric("stall_lr", _M, "dynamic", "the scheduled lr at stall_step"),
+    Metric("stall_step", _LM, "dynamic", "the step of the planned run from which the weights stop moving (train_steps: they move to the end)"),
+    Metric("stall_lr", _M, "dynamic", "the scheduled lr at stall_step (the final lr when they move to the end)"),
     Metric("train_steps", _M, "dynamic", "length of the planned run the forecast looks ahead to"),
     Metric("score", _M, "dynamic", "predicted progress, for ranking settings: progress (or master-weight progress times beta_run) times run_moving"),
 )

@@ -1,10 +1,12 @@
-"""The practitioner rule as a choice: the lowest rank and coarsest precision that pass.
+"""The practitioner rule as a choice: the cheapest setting that trains about as well as the best.
 
-Among the probed settings, those with no fired error rule are candidates; the
-recommendation is the one with the lowest rank (full fine-tuning ranks last), then
-the fewest bits, then sweep order. Per-layer overrides plug into tools: a PEFT
-rank_pattern (r_star rounded up to a power of two) for the layers whose gradient
-escapes the planned rank, and the modules to keep in a finer format.
+Among the probed settings with no fired error rule, the recommendation is the
+cheapest (lowest rank, full fine-tuning last; then fewest bits) whose ranking score
+is within `REGRET` of the best passing score: the validation suite
+(validation/README.md) measures the regret this rule leaves. A PEFT LoraConfig for
+the recommended setting is complete (r, lora_alpha, target_modules, use_rslora) so it
+can be pasted as is. A per-layer rank_pattern is reported as advice, not put in the
+config: on the suite, patterns built from r_star did not beat the uniform rank.
 """
 
 from __future__ import annotations
@@ -15,25 +17,55 @@ from dataclasses import dataclass, field
 from .probe import DynamicResult, SettingResult
 from .rules import Outcome
 
+REGRET = 0.10  # accept a cheaper setting whose score is at least 90% of the best passing score
+
 
 @dataclass(frozen=True)
 class Recommendation:
     setting: str | None  # id of the recommended setting; None when none passes
     reason: str
     focus: str | None  # the setting whose layers the report details (recommended, or the closest to passing)
-    base_rank: int | None = None  # the rank rank_pattern overrides (LoraConfig(r=base_rank, rank_pattern=...))
-    rank_pattern: dict[str, int] = field(default_factory=dict)
+    base_rank: int | None = None  # the recommended setting's uniform LoRA rank
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # advice: layers whose gradient escapes base_rank
     keep_finer: list[str] = field(default_factory=list)
+    lora_config: dict[str, object] | None = None  # PEFT LoraConfig keyword arguments for the recommended setting
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
-def _order(result: SettingResult) -> tuple:
+def _cost(result: SettingResult) -> tuple:
     s = result.setting
     rank = s.subspace.rank if s.subspace.kind == "lora" else math.inf
     return (rank, s.bits, -s.subspace.sparsity)
+
+
+def _score(result: SettingResult) -> float:
+    value = result.model_metrics().get("score")
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+
+
+def target_modules(result: SettingResult) -> list[str]:
+    """PEFT target_modules naming exactly the adapted layers: their last name parts when
+    those match no other linear layer, else the full module names."""
+    adapted = sorted(name for name, d in result.layers.items() if d.planned_rank is not None)
+    linear = [name for name, d in result.layers.items() if d.matrix_rank is not None]
+    suffixes = sorted({name.rsplit(".", 1)[-1] for name in adapted})
+    matched = [name for name in linear if name.rsplit(".", 1)[-1] in suffixes]
+    return suffixes if sorted(matched) == adapted else adapted
+
+
+def lora_config(result: SettingResult) -> dict[str, object] | None:
+    sub = result.setting.subspace
+    if sub.kind != "lora":
+        return None
+    return {
+        "r": sub.rank,
+        "lora_alpha": sub.alpha if sub.alpha is not None else sub.rank,
+        "target_modules": target_modules(result),
+        "use_rslora": sub.rslora,
+    }
 
 
 def recommend(dynamic: DynamicResult, outcomes: list[Outcome]) -> Recommendation:
@@ -49,40 +81,38 @@ def recommend(dynamic: DynamicResult, outcomes: list[Outcome]) -> Recommendation
     results = {r.id: r for r in dynamic.settings}
     passing = [r for r in dynamic.settings if errors[r.id] == 0 and not global_errors]
     if passing:
-        chosen = min(passing, key=_order)
-        reason = "lowest rank, then coarsest precision, among the settings that pass every error rule"
+        best = max(_score(r) for r in passing)
+        near = [r for r in passing if best == -math.inf or _score(r) >= (1 - REGRET) * best]
+        chosen = min(near, key=_cost)
+        reason = (f"the cheapest setting (lowest rank, then fewest bits) whose score is within {REGRET:.0%} "
+                  "of the best among the settings that pass every error rule")
         focus = chosen
     else:
         chosen = None
         reason = "no probed setting passes every error rule" + (" (the checkpoint itself has errors)" if global_errors else "")
-        focus = min(dynamic.settings, key=lambda r: (errors[r.id], _order(r)))
-    # rank_pattern from the cheapest LoRA setting whose gradient escapes its rank:
-    # raising only those layers is the cheaper alternative to a higher global rank.
-    escaping: dict[str, set[str]] = {}
-    finer: dict[str, set[str]] = {}
+        focus = min(dynamic.settings, key=lambda r: (errors[r.id], -_score(r), _cost(r)))
+    escaping: set[str] = set()
+    finer: set[str] = set()
     for o in outcomes:
-        if o.status != "fired" or o.subject.layer is None or o.subject.setting not in results:
+        if o.status != "fired" or o.subject.layer is None or o.subject.setting != focus.id:
             continue
         if o.rule.verdict == "needs_higher_rank":
-            escaping.setdefault(o.subject.setting, set()).add(o.subject.layer)
-        if o.rule.verdict in ("needs_finer_precision", "stochastic_rounding", "raise_lr", "fp32_master_weights"):
-            finer.setdefault(o.subject.setting, set()).add(o.subject.layer)
+            escaping.add(o.subject.layer)
+        if o.rule.verdict in ("needs_finer_precision", "keep_finer", "stochastic_rounding", "raise_lr",
+                              "fp32_master_weights"):
+            finer.add(o.subject.layer)
     rank_pattern: dict[str, int] = {}
-    base_rank = None
-    lora_escaping = [results[sid] for sid in escaping if results[sid].setting.subspace.kind == "lora"]
-    if lora_escaping:
-        source = min(lora_escaping, key=_order)
-        base_rank = source.setting.subspace.rank
-        for layer in sorted(escaping[source.id]):
-            r = source.layers[layer].r_star
-            if r is not None and r > (source.layers[layer].planned_rank or 0):
-                rank_pattern[layer] = _next_pow2(r)
-    keep = sorted(finer.get(focus.id, set()))
+    base_rank = focus.setting.subspace.rank if focus.setting.subspace.kind == "lora" else None
+    for layer in sorted(escaping):
+        d = results[focus.id].layers[layer]
+        if d.r_star is not None and d.r_star > (d.planned_rank or 0):
+            rank_pattern[layer] = _next_pow2(d.r_star)
     return Recommendation(
         setting=chosen.id if chosen else None,
         reason=reason,
         focus=focus.id,
         base_rank=base_rank,
         rank_pattern=rank_pattern,
-        keep_finer=keep,
+        keep_finer=sorted(finer),
+        lora_config=lora_config(chosen) if chosen is not None else None,
     )

@@ -6,19 +6,31 @@ zero fraction, spectral), so rules over them fire once per layer, not once per f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TypeGuard
 
 from .lattice import get_format
 from .metrics import METRICS
-from .probe import DynamicResult
+from .probe import DynamicResult, Setting
 from .rules import Subject
 from .rules.evaluate import MetricValue
 from .static import StaticResult
 
 
-def _setting_context(fmt: str, lr: float) -> dict[str, MetricValue]:
-    return {"format": fmt, "lr": lr, "bits": get_format(fmt).bits}
+def _setting_context(fmt: str, lr: float, rounds_stored: int = 1) -> dict[str, MetricValue]:
+    return {"format": fmt, "lr": lr, "bits": get_format(fmt).bits, "rounds_stored": rounds_stored}
+
+
+def rounds_stored(settings: Iterable[Setting]) -> dict[str, int]:
+    """Per weight format: 1 when some planned setting updates weights stored in it
+    without fp32 master weights (sub-ULP steps then round away), 0 when every setting
+    keeps master weights or trains adapters over a frozen base. Formats the plan does
+    not probe (a static-only run) are absent: the static rules assume they may."""
+    out: dict[str, int] = {}
+    for s in settings:
+        stepped = s.precision.master_weights == "none" and not (s.subspace.kind == "lora" and s.subspace.base == "frozen")
+        out[s.precision.weights] = max(out.get(s.precision.weights, 0), int(stepped))
+    return out
 
 
 def _is_value(v: object) -> TypeGuard[MetricValue]:
@@ -26,16 +38,18 @@ def _is_value(v: object) -> TypeGuard[MetricValue]:
     return v is None or isinstance(v, (int, float, str))
 
 
-def static_subjects(static: StaticResult) -> Iterator[Subject]:
+def static_subjects(static: StaticResult, stored: dict[str, int] | None = None) -> Iterator[Subject]:
+    """`stored`: rounds_stored() of the plan's settings (None: a static-only run)."""
+    stored = stored or {}
     for layer in static.layers:
         basics = layer.basics()
         yield Subject("layer", None, layer.name, basics)
         for fmt in static.formats:
-            yield Subject("layer", fmt, layer.name, {**basics, **layer.format_metrics(fmt), **_setting_context(fmt, static.lr)})
+            yield Subject("layer", fmt, layer.name, {**basics, **layer.format_metrics(fmt), **_setting_context(fmt, static.lr, stored.get(fmt, 1))})
     model_basics = static.model.basics()
     yield Subject("model", None, None, model_basics)
     for fmt in static.formats:
-        ctx = _setting_context(fmt, static.lr)
+        ctx = _setting_context(fmt, static.lr, stored.get(fmt, 1))
         model_fmt = {**model_basics, **static.model.formats[fmt].summary(), **ctx}
         yield Subject("model", fmt, None, model_fmt)
         yield Subject("setting", fmt, None, model_fmt)

@@ -116,3 +116,32 @@ def test_lora_over_a_quantized_base_moves_its_adapters(fmt):
     assert frozen.steps[-1].loss < frozen.initial_loss
     merged_beta = [s.beta for s in merged.steps]
     assert max(b for b in merged_beta if b is not None) < min(frozen_beta)
+
+
+def test_recommended_lora_config_builds_with_peft_and_adapts_what_it_names(tmp_path, ckpt_hf_llama_dir):
+    """The paste-ready config is complete: PEFT adapts exactly the recommended setting's
+    targets, every one at the stated rank and alpha."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from hallway_audit import DynamicPlan, SweepSpec, audit
+
+    path, _ = ckpt_hf_llama_dir
+    save_file(_batch(24), str(tmp_path / "calib.safetensors"))
+    plan = DynamicPlan(calib=str(tmp_path / "calib.safetensors"),
+                       sweep=SweepSpec(precision=["bf16"], rank=[2, 8], lr=[1e-3]),
+                       burst=BurstOptions(steps=2, samples=8, micro_batch=4, eval_batch=8))
+    result = audit(path, dynamic=plan, formats=["bf16"])
+    rec = result.recommendation
+    assert rec is not None and rec.setting is not None and rec.lora_config is not None
+    chosen = next(s for s in result.dynamic.settings if s.id == rec.setting)
+    adapted = {name for name, d in chosen.layers.items() if d.planned_rank is not None}
+    model = AutoModelForCausalLM.from_pretrained(path)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**rec.lora_config))
+    got = {name.removeprefix("base_model.model."): m for name, m in wrapped.named_modules()
+           if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert set(got) == adapted
+    for m in got.values():
+        assert m.r["default"] == rec.lora_config["r"] == chosen.setting.subspace.rank
+        assert m.lora_alpha["default"] == rec.lora_config["lora_alpha"]

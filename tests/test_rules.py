@@ -96,7 +96,7 @@ def test_bundled_name_without_suffix_and_strict_extends_default() -> None:
     # strict replaces open-field in place (same position), as an error
     assert [r.id for r in rs] == [r.id for r in default]
     assert rs.get("open-field").severity == "error"  # type: ignore[union-attr]
-    assert default.get("open-field").severity == "warning"  # type: ignore[union-attr]
+    assert default.get("open-field").severity == "info"  # type: ignore[union-attr]
 
 
 def test_missing_rule_file_raises_with_exit_code(tmp_path: Path) -> None:

@@ -200,7 +200,7 @@ def test_gate_for_each_fail_on(rs: RuleSet) -> None:
 def test_default_yaml_static_run() -> None:
     """The headline static finding, and dynamic rules skipped in a static-only run."""
     rs = load_rules(["default.yaml"])
-    common = {"lr": 1e-5, "format": "bf16", "bits": 16}
+    common = {"lr": 1e-5, "format": "bf16", "bits": 16, "rounds_stored": 1}
     subjects = [
         Subject("layer", None, "model.layers.0.mlp", {"params": 100, "nonfinite": 0, "nonfinite_frac": 0.0}),
         Subject("layer", "bf16", "model.layers.0.mlp", {**common, "beta_pred": 0.03, "saturated": 0.0,
@@ -231,17 +231,30 @@ def test_default_yaml_static_run() -> None:
 
 def test_default_yaml_dynamic_messages() -> None:
     rs = load_rules(["default.yaml"])
+    run = {"lr": 1e-4, "format": "bf16", "train_steps": 1000}
     subjects = [
-        Subject("layer", "lora16", "attn.q", {"psi_rank": 0.62, "r_star": 48, "beta": 0.0, "lr": 1e-4, "format": "bf16",
-                                               "rank": 16}),
-        Subject("model", "lora16", None, {"psi": 0.95, "beta": 0.2, "beta_eff": 0.5, "p_t": 0.71, "p_t_lo": 0.6,
-                                          "p_t_hi": 0.8, "p_t_val": 0.4}),
+        Subject("layer", "lora16", "attn.q", {**run, "psi_rank": 0.62, "r_star": 48, "rank": 16, "beta_run": 0.0,
+                                               "grad_share": 0.4}),
+        Subject("layer", "lora16", "norm", {**run, "psi_rank": 1.0, "r_star": 1, "rank": 16, "beta_run": 0.0,
+                                             "grad_share": 0.001}),
+        Subject("model", "lora16", None, {**run, "psi": 0.95, "psi_rank": 0.95, "beta": 0.2, "beta_eff": 0.5,
+                                          "p_t": 0.71, "p_t_lo": 0.6, "p_t_hi": 0.8, "p_t_val": 0.4, "score": 0.02,
+                                          "progress": 0.02, "progress_lo": 0.01, "progress_hi": 0.03, "beta_run": 0.6,
+                                          "run_moving": 0.3, "stall_step": 300, "stall_lr": 2e-5}),
     ]
     out = evaluate(rs, subjects)
-    [rank] = by_rule(out, "gradient-escapes-rank")
-    assert rank.message == "attn.q: the best rank-16 update captures 62.0% of the gradient; r >= 48 captures 90%"
-    assert by_rule(out, "weights-do-not-cross-cells")[0].status == "fired"
-    assert by_rule(out, "practitioner-rule-met")[0].status == "fired"
+    [rank] = by_rule(out, "gradient-escapes-rank")[:1]
+    assert rank.message == "attn.q: rank 16 captures 62.0% of the layer's gradient; rank 48 would capture 90%"
+    # a layer that carries the gradient and cannot move is a warning; a tiny one only advice
+    assert [o.status for o in by_rule(out, "layer-cannot-move")] == ["fired", "passed"]
+    assert [o.status for o in by_rule(out, "small-layer-cannot-move")] == ["passed", "fired"]
+    assert by_rule(out, "small-layer-cannot-move")[1].rule.severity == "info"
+    # the run stalls in its decay: the error names the step and the lr
+    [stall] = by_rule(out, "run-stalls-in-decay")
+    assert stall.status == "fired" and "step 300 of 1000" in stall.message and "2e-05" in stall.message
+    assert by_rule(out, "weights-do-not-cross-cells")[0].status == "passed"
+    assert by_rule(out, "loss-does-not-drop")[0].status == "passed"
+    assert by_rule(out, "setting-trains")[0].status == "passed"  # it stalls
     assert by_rule(out, "hallway-does-not-generalize")[0].status == "fired"
     assert by_rule(out, "open-field")[0].status == "passed"
 

@@ -423,7 +423,7 @@ def run_burst(
         backwards=evaluator.backwards,
         schedule=schedule,
         forecast=model_forecast,
-        stall_lr=(setting.optimizer.lr * scales[model_forecast.stall_step]
-                  if model_forecast is not None and model_forecast.stall_step is not None else None),
+        stall_lr=(setting.optimizer.lr * scales[min(model_forecast.stall_step, len(scales) - 1)]
+                  if model_forecast is not None and model_forecast.stall_step is not None else setting.optimizer.lr * scales[-1]),
         shadow=(shadow_start, shadow_end) if shadow_start is not None and shadow_end is not None else None,
     )

@@ -111,7 +111,7 @@ class LayerDynamics:
             "grad_share": self.grad_share,
             "beta_run": self.forecast.beta_run if self.forecast and moves else None,
             "run_moving": self.forecast.run_moving if self.forecast and moves else None,
-            "stall_step": self.forecast.stall_step if self.forecast and moves else None,
+            "stall_step": self.forecast.stall_step if self.forecast and moves else None,  # None: moves to the end
         }
         if realized is not None:
             lo, hi = realized.interval
@@ -212,7 +212,7 @@ class SettingResult:
             "progress_master": shadow,
             "beta_run": f.beta_run if f else None,
             "run_moving": f.run_moving if f else None,
-            "stall_step": f.stall_step if f else None,
+            "stall_step": (f.stall_step if f.stall_step is not None else self.schedule.steps) if f else None,
             "stall_lr": self.stall_lr,
             "train_steps": self.schedule.steps,
             "score": score(progress, shadow, f),

@@ -20,6 +20,8 @@ VERDICTS: dict[str, str] = {
     "open_field": "fewer than half of the admissible moves lower the realized loss: narrow the hallway",
     "check_range": "weights fall outside the format's range (saturate or flush to zero): rescale or use a wider format",
     "check_generalization": "the hallway helps the training batch but not the held-out batch",
+    "does_not_train": "the loss is not expected to drop in this setting: check the learning rate and the data",
+    "keep_finer": "a small layer cannot move in this format: keep it in a finer one (advice, not a veto)",
 }
 
 
