@@ -78,6 +78,7 @@ def test_planned_passes_equal_a_real_sweep_without_early_stop(llama, name, optio
     result, events, forwards = run(model, train, val, SETTINGS[name], early_stop=False, **options)
     estimate = events[0]
     assert estimate is result.estimate
+    assert estimate.least == estimate.total  # without early stopping every sample is drawn
     assert any(p.end.forwards for p in estimate.settings) == (name in ("mixed", "lora-merged-fp8"))
     planned = estimate.total
     assert forwards == planned.forwards == sum(r.forwards for r in result.settings)
@@ -113,6 +114,9 @@ def test_early_stopping_only_lowers_the_counts(llama):
     drawn = [s.optimizer.n + s.uniform.n for r in result.settings for s in r.pt]
     assert min(drawn) < 64, "no proposal stopped early: the test shows nothing"
     assert forwards < estimate.total.forwards
+    # no move was blocked here, so no proposal ran fewer than its first check's 16 samples' forwards
+    assert all(s.blocked == s.blocked_uniform == 0 for r in result.settings for s in r.pt)
+    assert estimate.least.forwards <= forwards
     # the bar still ends at the plan's total: positions skip what early stopping left out
     pieces = [e for e in events[1:] if isinstance(e, BurstEvent)]
     assert estimate.units_at(pieces[-1]) <= estimate.total.units

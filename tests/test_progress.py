@@ -132,11 +132,13 @@ def test_one_display_walks_static_then_dynamic_and_estimates_exactly_on_a_steady
         assert display.bars.phase == f"setting 2/2 {estimate.settings[1].setting}: final losses"
         # timed per kind of piece, the estimate is the run's true time on a steady clock
         assert display.estimated_seconds == pytest.approx(took)
+        assert display.estimated_least < took
     plan, cost, estimate_line = lines_of(console)
     assert plan.startswith("hallway-audit: plan: 2 settings") and "checkpoint 2.0 kB" in plan
     assert cost.startswith("hallway-audit: cost: at most")
-    assert estimate_line == (f"hallway-audit: estimate: at most about {duration(took)} for the dynamic audit, "
-                             "less where p_t stops early (timed on its first steps and samples)")
+    assert estimate_line == (f"hallway-audit: estimate: about {duration(display.estimated_least)} to {duration(took)} "
+                             "for the dynamic audit (timed on its first steps and samples; the longer when no p_t "
+                             "proposal stops early)")
 
 
 def test_the_eta_counts_down_and_skips_what_early_stopping_leaves_out():
@@ -155,7 +157,8 @@ def test_the_eta_counts_down_and_skips_what_early_stopping_leaves_out():
                 lefts.append(display.seconds_left())
         assert positions == sorted(positions) and positions[-1] == estimate.total.units
         assert lefts == sorted(lefts, reverse=True) and lefts[-1] == 0
-        # per state 48 of 128 samples skipped: the run took less than the estimate said
+        # every proposal stopped at its first check (16 of 64): the short end of the estimate
+        assert display.estimated_least == pytest.approx(clock.now)
         assert clock.now < display.estimated_seconds
 
 
@@ -174,7 +177,7 @@ def test_without_a_terminal_only_lines_and_nothing_with_quiet():
     lines = text.splitlines()
     assert [line.split(":")[1].split()[0] for line in lines] == ["plan", "cost", "estimate", "took"]
     # 536 events 10 ms apart after 5 s of static pass: 10.37 s in all
-    assert lines[3].startswith("hallway-audit: took 10 s (dynamic audit 5 s, estimated at most about ")
+    assert lines[3].startswith("hallway-audit: took 10 s (dynamic audit 5 s, estimated about ")
     quiet = Console(file=io.StringIO())
     with run_progress(quiet=True, console=quiet) as callbacks:
         assert callbacks == (None, None)
@@ -189,7 +192,8 @@ def test_short_runs_end_without_a_summary_long_ones_with_the_estimate():
     took = drive(display, clock, small_estimate())
     clock.now += 12
     assert display.summary() == (f"took {duration(clock.now)} (dynamic audit {duration(took)}, "
-                                 f"estimated at most about {duration(display.estimated_seconds)})")
+                                 f"estimated about {duration(display.estimated_least)} to "
+                                 f"{duration(display.estimated_seconds)})")
     static_only = RunDisplay(console, bars=False, clock=clock)
     clock.now += 11
     assert static_only.summary() == "took 11 s"
@@ -224,7 +228,8 @@ def test_the_cli_states_its_plan_on_stderr_and_the_plan_is_what_ran(capsys):
     assert lines[0].startswith("hallway-audit: plan: 2 settings x (2 steps + p_t at 2 states x up to 16 + 16 samples)")
     assert "checkpoint 386.3 kB" in lines[0]
     assert lines[1].startswith(f"hallway-audit: cost: at most {forwards:,} forwards and {backwards:,} backwards")
-    assert lines[2].startswith("hallway-audit: estimate: at most about ")
+    assert lines[2].startswith("hallway-audit: estimate: about ")  # one figure: every sample is drawn
+    assert " to " not in lines[2].split("for the dynamic audit")[0]
     assert "error" not in err.lower()
     capsys.readouterr()
     assert main([str(EXAMPLE), "--calib", str(CALIB), "--precision", "bf16", "--rank", "4", "--steps", "1",

@@ -117,7 +117,8 @@ class RunDisplay:
         # seconds, units and pieces run so far, for the pieces that always run and for p_t samples:
         # their cost per unit differs several-fold (a step's bookkeeping against a bare forward)
         self.spent = {"fixed": [0.0, 0, 0], "samples": [0.0, 0, 0]}
-        self.estimated_seconds: float | None = None
+        self.estimated_seconds: float | None = None  # every sample drawn
+        self.estimated_least: float | None = None  # every p_t proposal stopped at its first check
 
     # -- lines ------------------------------------------------------------------------
 
@@ -180,9 +181,11 @@ class RunDisplay:
         self.position = estimate.units_at(event)
         left = self.seconds_left()
         if self.estimated_seconds is None and left is not None and self._timed_enough(event):
-            self.estimated_seconds = now - self.dynamic_started + left
-            self.say(f"estimate: at most about {duration(self.estimated_seconds)} for the dynamic audit, "
-                     "less where p_t stops early (timed on its first steps and samples)")
+            elapsed = now - self.dynamic_started
+            self.estimated_seconds = elapsed + left
+            self.estimated_least = elapsed + (self.seconds_left(least=True) or 0.0)
+            self.say(f"estimate: {self.estimated_range()} for the dynamic audit (timed on its first steps "
+                     "and samples; the longer when no p_t proposal stops early)")
         if self.bars is not None and self.dynamic_task is not None:
             total = estimate.total.units
             self.bars.update(self.dynamic_task, completed=self.position,
@@ -194,8 +197,15 @@ class RunDisplay:
         """Both kinds of piece timed a few times (or the first setting done): a stable speed."""
         return (self.spent["fixed"][2] >= 2 and self.spent["samples"][2] >= 8) or event.index > 0
 
-    def seconds_left(self) -> float | None:
-        """The planned work not yet done at the speed measured so far, per kind of piece."""
+    def estimated_range(self) -> str:
+        """'about 4 min 10 s to 9 min 20 s', or 'about 9 min 20 s' when both ends agree."""
+        high = duration(self.estimated_seconds or 0.0)
+        low = duration(self.estimated_least if self.estimated_least is not None else self.estimated_seconds or 0.0)
+        return f"about {high}" if low == high else f"about {low} to {high}"
+
+    def seconds_left(self, least: bool = False) -> float | None:
+        """The planned work not yet done at the speed measured so far, per kind of piece; with
+        `least`, as if every p_t proposal stops at its first early-stopping check."""
         estimate = self.estimate
         if estimate is None:
             return None
@@ -206,14 +216,17 @@ class RunDisplay:
         if fixed_rate is None and samples_rate is None:
             return None
         fixed_left = max(estimate.fixed.units - fixed_u, 0)
-        samples_left = max(estimate.total.units - self.position - fixed_left, 0)
+        if least:
+            samples_left = max(estimate.least.units - estimate.fixed.units - samples_u, 0)
+        else:
+            samples_left = max(estimate.total.units - self.position - fixed_left, 0)
         return (fixed_left * (fixed_rate if fixed_rate is not None else samples_rate or 0.0)
                 + samples_left * (samples_rate if samples_rate is not None else fixed_rate or 0.0))
 
     # -- the end ------------------------------------------------------------------------
 
     def summary(self) -> str | None:
-        """'took 1 min 33 s (dynamic audit 1 min 25 s, estimated at most about 1 min 40 s)', or None
+        """'took 1 min 33 s (dynamic audit 1 min 25 s, estimated about 50 s to 1 min 40 s)', or None
         for short runs."""
         took = self.clock() - self.started
         if took <= LONG_RUN_S:
@@ -223,7 +236,7 @@ class RunDisplay:
             end = self.dynamic_ended if self.dynamic_ended is not None else self.clock()
             line += f" (dynamic audit {duration(end - self.dynamic_started)}"
             if self.estimated_seconds is not None:
-                line += f", estimated at most about {duration(self.estimated_seconds)}"
+                line += f", estimated {self.estimated_range()}"
             line += ")"
         return line
 

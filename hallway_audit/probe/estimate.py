@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..lattice import get_format
 from .events import BurstEvent
+from .pt import FIRST_CHECK
 from .targets import ParamInfo, select_targets
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class SettingEstimate:
     steps: int
     states: tuple[int, ...]  # burst states p_t is measured at
     samples: int
+    early_stop: bool
     layers: int  # layers sampled one by one with --per-layer-p (0: off)
     shares: bool  # LoRA: g_b from per-example shares after one direct check per state
     trainable: int  # numbers the optimizer moves (phi)
@@ -114,16 +116,28 @@ class SettingEstimate:
             out = out + setup
         return out
 
-    def state_total(self, i: int) -> Passes:
-        optimizer = self.optimizer_first + self.optimizer_sample * (self.samples - 1) if self.samples else NOTHING
-        return (self.setups[i] + optimizer + self.uniform_sample * self.samples
-                + self.layer_sample * (self.samples * self.layers))
+    def state_total(self, i: int, samples: int | None = None) -> Passes:
+        """A measured state's passes when each proposal draws `samples` (default: all)."""
+        n = self.samples if samples is None else samples
+        optimizer = self.optimizer_first + self.optimizer_sample * (n - 1) if n else NOTHING
+        return self.setups[i] + optimizer + self.uniform_sample * n + self.layer_sample * (n * self.layers)
 
     @property
     def total(self) -> Passes:
+        """Every sample drawn: the most the setting can run."""
         out = self.burst + self.end
         for i in range(len(self.states)):
             out = out + self.state_total(i)
+        return out
+
+    @property
+    def least(self) -> Passes:
+        """Every proposal stopped at its first early-stopping check: the least it usually runs
+        (blocked moves, which need no forward, can lower it further)."""
+        n = min(self.samples, FIRST_CHECK) if self.early_stop else self.samples
+        out = self.burst + self.end
+        for i in range(len(self.states)):
+            out = out + self.state_total(i, n)
         return out
 
     def units_at(self, event: BurstEvent) -> int:
@@ -182,6 +196,13 @@ class SweepEstimate:
         out = NOTHING
         for s in self.settings:
             out = out + s.total
+        return out
+
+    @property
+    def least(self) -> Passes:
+        out = NOTHING
+        for s in self.settings:
+            out = out + s.least
         return out
 
     @property
@@ -259,6 +280,7 @@ def estimate_setting(setting: Setting, params: Sequence[ParamInfo], options: Bur
         steps=options.steps,
         states=states,
         samples=options.samples,
+        early_stop=options.early_stop,
         layers=layers if options.per_layer_p else 0,
         shares=shares,
         trainable=phi,

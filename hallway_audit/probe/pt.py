@@ -40,6 +40,7 @@ from .shares import COUPLED, FOLDED, ExampleShares, SharesVerdict
 from .stats import excludes_half, wilson_interval
 
 Direction = dict[str, Tensor]
+FIRST_CHECK = 16  # early stopping looks at a rate from this many samples on, then every 8
 # progress(part, sample, layer, layers) after each piece of a state's work: "setup" (its
 # losses and gradients), then each "optimizer", "uniform" and per-"layer" sample (1-based)
 PtProgress = Callable[[Part, int, int, int], None]
@@ -238,7 +239,7 @@ def measure_pt(
         return False
 
     def done(rate: Rate) -> bool:
-        return early_stop and rate.n >= 16 and rate.n % 8 == 0 and excludes_half(rate.successes, rate.n)
+        return early_stop and rate.n >= FIRST_CHECK and rate.n % 8 == 0 and excludes_half(rate.successes, rate.n)
 
     for n in range(1, samples + 1):
         signal = normalized(proposal_signal())
