@@ -328,41 +328,37 @@ def resolve_plan(plan: AuditPlan | None, overrides: Mapping[str, object], base: 
     for key, value in overrides.items():
         if value is None:
             continue
-        where = f"audit(): {key}"
-        if key == "rules":
+        if key == "rules":  # a str is one spec; a pathlib.Path is always a path (rules/loader.py)
             specs = [value] if isinstance(value, (str, os.PathLike)) else list(value)  # type: ignore[call-overload]
-            changes["rules"] = tuple(
-                s if isinstance(s, Path) else check_value("rules", s, where)[0]  # type: ignore[index]
-                for s in specs
-            )
+            changes[key] = tuple(specs)
         elif key == "formats":
-            changes["formats"] = tuple(check_value("precision", list(value), where))  # type: ignore[call-overload,arg-type]
-        elif key == "lr":
-            changes["lr"] = check_value("lr", value, where)[0]  # type: ignore[index]
-        elif key == "device":
-            changes["device"] = value if not isinstance(value, str) else check_value("device", value, where)
-        elif key == "dynamic":
-            changes["dynamic"] = value
+            changes[key] = tuple(value) if isinstance(value, (list, tuple)) else value
         else:
-            changes[key] = check_value(key, value, where)
+            changes[key] = value
     result = replace(result, **changes) if changes else result  # type: ignore[arg-type]
-    check_plan(result)
+    check_plan(result, {key: f"audit(): {key}" for key in changes})
     return result
 
 
-def check_plan(plan: AuditPlan) -> None:
-    """Validate an AuditPlan however it was built (a dataclass is easy to fill by hand)."""
-    for spec in plan.rules:
-        if not isinstance(spec, Path):
-            check_value("rules", spec, "plan.rules")
-    if plan.formats:
-        check_value("precision", list(plan.formats), "plan.formats")
-    else:
-        raise UsageError("plan.formats: expected a non-empty list of format names, got ()")
-    check_value("lr", plan.lr, "plan.lr")
-    check_value("spectral", plan.spectral, "plan.spectral")
-    check_value("fail_on", plan.fail_on, "plan.fail_on")
+def check_plan(plan: AuditPlan, names: Mapping[str, str] | None = None) -> None:
+    """Validate an AuditPlan however it was built (a dataclass is easy to fill by hand).
+
+    `names`: how to call a field in a message (default 'plan.<field>').
+    """
+    def name(field_name: str) -> str:
+        return (names or {}).get(field_name, f"plan.{field_name}")
+
+    rules = plan.rules
+    if not isinstance(rules, tuple) or any(not isinstance(r, (str, Path)) for r in rules):
+        raise UsageError(f"{name('rules')}: expected rule file names or paths, got {show(rules)}")
+    for spec in rules:
+        if isinstance(spec, str):
+            check_value("rules", spec, name("rules"))
+    check_value("precision", list(plan.formats) if isinstance(plan.formats, tuple) else plan.formats, name("formats"))
+    check_value("lr", plan.lr, name("lr"))
+    check_value("spectral", plan.spectral, name("spectral"))
+    check_value("fail_on", plan.fail_on, name("fail_on"))
     if isinstance(plan.device, str):
-        check_value("device", plan.device, "plan.device")
+        check_value("device", plan.device, name("device"))
     if plan.dynamic is not None:
-        check_dynamic(plan.dynamic, "plan.dynamic")
+        check_dynamic(plan.dynamic, name("dynamic"))

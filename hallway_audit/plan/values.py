@@ -289,7 +289,7 @@ KEYS: dict[str, Key] = {
     "optimizer": Key(each(_checker(choice, allowed=OPTIMIZERS)), True),
     "steps": Key(limited(MAX_STEPS_ENV, MAX_STEPS_DEFAULT), True),
     "samples": Key(limited(MAX_SAMPLES_ENV, MAX_SAMPLES_DEFAULT), True),
-    "p_every": Key(_checker(integer, lo=0, hi=None), True),
+    "p_every": Key(lambda v, w: integer(v, w, 0, env_int(MAX_STEPS_ENV, MAX_STEPS_DEFAULT), MAX_STEPS_ENV), True),
     "sigma": Key(_checker(number, lo=0.0, strict=False), True),
     "micro_batch": Key(limited(MAX_BATCH_ENV, MAX_BATCH_DEFAULT), True),
     "eval_batch": Key(limited(MAX_BATCH_ENV, MAX_BATCH_DEFAULT), True),
