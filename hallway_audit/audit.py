@@ -24,7 +24,7 @@ from .rules import Outcome, RuleSet, evaluate, load_rules, severity_rank
 from .rules.loader import rule_resolution_notes
 from .static import StaticResult, run_static
 from .static.audit import Progress
-from .subjects import dynamic_subjects, static_subjects
+from .subjects import dynamic_subjects, rounds_stored, static_subjects
 
 if TYPE_CHECKING:  # the model package is imported only when a dynamic audit runs
     from .model import Batch, LoadedModel, LossFn
@@ -167,7 +167,8 @@ def audit(
         notes.extend(dyn_result.notes)
     static_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "static"), ruleset.vars, ruleset.files)
     dynamic_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "dynamic"), ruleset.vars, ruleset.files)
-    outcomes = evaluate(static_rules, static_subjects(static))
+    stored = rounds_stored(r.setting for r in dyn_result.settings) if dyn_result is not None else None
+    outcomes = evaluate(static_rules, static_subjects(static, stored))
     outcomes += evaluate(dynamic_rules, dynamic_subjects(dyn_result) if dyn_result is not None else [])
     order = {r.id: i for i, r in enumerate(ruleset.rules)}
     outcomes.sort(key=lambda o: order[o.rule.id])
