@@ -27,7 +27,7 @@ import stat
 import yaml
 from yaml.nodes import MappingNode, Node, SequenceNode
 
-from .errors import UsageError
+from .limits import env_int
 
 MAX_PLAN_BYTES_ENV = "HALLWAY_AUDIT_MAX_PLAN_BYTES"
 MAX_PLAN_BYTES_DEFAULT = 1 << 20  # plan YAML and PEFT adapter_config.json
@@ -36,24 +36,6 @@ MAX_RULE_BYTES_DEFAULT = 1 << 20  # one rule file (the bundled default.yaml is 1
 MAX_YAML_NODES_ENV = "HALLWAY_AUDIT_MAX_YAML_NODES"
 MAX_YAML_NODES_DEFAULT = 100_000  # nodes after alias expansion (default.yaml: about 250)
 MAX_DEPTH = 64  # nesting of YAML and JSON collections; real plans and rule files use 4
-
-
-def env_int(name: str, default: int) -> int:
-    """A positive integer limit from the environment variable `name`, or `default`.
-
-    (The same contract as hallway_audit.limits.env_int; kept here so that reading
-    plans and rule files depends on nothing else.)
-    """
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise UsageError(f"{name}={raw!r} is not a whole number") from None
-    if value <= 0:
-        raise UsageError(f"{name}={raw!r} must be positive")
-    return value
 
 
 class FileProblem(Exception):

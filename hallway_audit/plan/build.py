@@ -176,7 +176,7 @@ def _grid_size(spec: SweepSpec) -> int:
 
 def check_grid(spec: SweepSpec, where: str = "the sweep") -> None:
     """Refuse a grid of more settings than HALLWAY_AUDIT_MAX_SETTINGS before building it."""
-    from ..safe_load import env_int
+    from ..limits import env_int
 
     limit = env_int(MAX_SETTINGS_ENV, MAX_SETTINGS_DEFAULT)
     size = _grid_size(spec)

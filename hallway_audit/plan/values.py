@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from ..errors import UsageError
+from ..limits import env_int
 from ..rules.evaluate import FAIL_ON
-from ..safe_load import env_int
 from ..safe_regex import compile_pattern
 
 # --- limits (policy: raise one with its environment variable) ------------------------------
