@@ -48,7 +48,8 @@ def explicit_flags(ctx: click.Context) -> dict[str, object]:
 @cli.command("audit")
 @click.argument("checkpoint", metavar="CHECKPOINT")
 @click.option("--rules", "rules", multiple=True, metavar="FILE",
-              help="Rule file: a bundled name (default.yaml) or a path. Repeat to combine. [default: default.yaml]")
+              help="Rule file: a bundled name (default.yaml, strict.yaml: always the bundled file) or a path "
+                   "(./default.yaml for a local file of that name). Repeat to combine. [default: default.yaml]")
 @click.option("--no-rules", is_flag=True, help="Measure only; evaluate no rules (the gate then always passes).")
 @click.option("--precision", "precision", multiple=True, metavar="FORMATS",
               help=f"Weight formats, comma-separated (see `hallway-audit formats`). [default: {','.join(DEFAULT_FORMATS)}]")
@@ -87,7 +88,8 @@ def explicit_flags(ctx: click.Context) -> dict[str, object]:
 @click.option("--per-layer-p", is_flag=True, help="Also measure realized p_t per layer (one sampling run per layer).")
 @click.option("--no-early-stop", is_flag=True, help="Always draw --samples moves, even once the interval excludes 1/2.")
 @click.option("--max-length", type=int, default=DEFAULTS["max_length"], show_default=True, help="Token limit for text calibration files.")
-@click.option("--plan", "plan_file", metavar="FILE", help="Plan YAML with the keys above (flags given on the command line win).")
+@click.option("--plan", "plan_file", metavar="FILE",
+              help="Plan YAML with the keys above (flags given on the command line win; a PEFT config wins over the plan).")
 @click.option("--peft-config", metavar="FILE", help="PEFT adapter_config.json: r, target_modules, lora_alpha, use_rslora, rank_pattern.")
 @click.option("--trust-plan-code", is_flag=True,
               help="Let --plan's model: and loss: import and run the code they name (module:function, file.py:function).")

@@ -31,6 +31,7 @@ MAX_SAMPLES_ENV, MAX_SAMPLES_DEFAULT = "HALLWAY_AUDIT_MAX_SAMPLES", 100_000
 MAX_BATCH_ENV, MAX_BATCH_DEFAULT = "HALLWAY_AUDIT_MAX_BATCH", 65_536  # --micro-batch, --eval-batch
 MAX_LENGTH_ENV, MAX_LENGTH_DEFAULT = "HALLWAY_AUDIT_MAX_LENGTH", 1 << 20  # --max-length (tokens)
 MAX_SETTINGS_ENV, MAX_SETTINGS_DEFAULT = "HALLWAY_AUDIT_MAX_SETTINGS", 1024  # points of one sweep grid
+MAX_SIGMA = 1e6  # proposal noise a million times its signal is pure noise; past ~1e150 its norm overflows
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes an int64
 MAX_RANK = 1 << 20  # the model then bounds it: no rank above min(in, out) of a targeted layer
 MAX_TEXT_CHARS = 4096  # paths, specs, device names
@@ -92,16 +93,16 @@ def limited(env: str, default: int) -> Callable[[object, str], int]:
     return check
 
 
-def number(value: object, where: str, *, lo: float = 0.0, strict: bool = True) -> float:
-    """A finite float > lo (>= lo unless strict); numeric strings ('1e-4') are numbers."""
-    expected = f"a finite number {'>' if strict else '>='} {lo:g}"
+def number(value: object, where: str, *, lo: float = 0.0, strict: bool = True, hi: float = math.inf) -> float:
+    """A finite float > lo (>= lo unless strict), at most hi; numeric strings ('1e-4') are numbers."""
+    expected = f"a finite number {'>' if strict else '>='} {lo:g}" + (f" and at most {hi:g}" if hi < math.inf else "")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         fail(where, expected, value)
     try:
         x = float(value.strip() if isinstance(value, str) else value)
     except (ValueError, OverflowError):
         fail(where, expected, value)
-    if not math.isfinite(x) or x < lo or (strict and x == lo):
+    if not math.isfinite(x) or x < lo or (strict and x == lo) or x > hi:
         fail(where, expected, value)
     return x
 
@@ -290,7 +291,7 @@ KEYS: dict[str, Key] = {
     "steps": Key(limited(MAX_STEPS_ENV, MAX_STEPS_DEFAULT), True),
     "samples": Key(limited(MAX_SAMPLES_ENV, MAX_SAMPLES_DEFAULT), True),
     "p_every": Key(lambda v, w: integer(v, w, 0, env_int(MAX_STEPS_ENV, MAX_STEPS_DEFAULT), MAX_STEPS_ENV), True),
-    "sigma": Key(_checker(number, lo=0.0, strict=False), True),
+    "sigma": Key(_checker(number, lo=0.0, strict=False, hi=MAX_SIGMA), True),
     "micro_batch": Key(limited(MAX_BATCH_ENV, MAX_BATCH_DEFAULT), True),
     "eval_batch": Key(limited(MAX_BATCH_ENV, MAX_BATCH_DEFAULT), True),
     "seed": Key(_checker(integer, lo=0, hi=MAX_SEED), True),
