@@ -11,6 +11,7 @@ from .base import Formatter, RenderOptions, register_formatter
 from .escape import md_code, md_text
 from .rows import (
     Doc,
+    drop_interval,
     focus_setting,
     human_bytes,
     human_count,
@@ -22,7 +23,6 @@ from .rows import (
     ranked_layers,
     setting_severity,
     severity_counts,
-    signed,
     skipped_rules,
     sqnr,
     verdict_label,
@@ -61,11 +61,12 @@ def _dynamic_sections(doc: Doc, options: RenderOptions) -> list[str]:
         star = " ⭐" if rec is not None and rec["setting"] == r["id"] else ""
         sev = severity.get(r["id"], "ok")
         rows.append([
-            f"{md_code(r['id'])}{star}", num(m["psi"], ".2f"), num(m["psi_rank"], ".2f"), interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]),
-            num(m["p_t_uniform"], ".2f"), pct(m["blocked"], 0), pct(m["beta"]), pct(m["beta_eff"], 0),
-            signed(m["loss_delta"]), f"{_ICON[sev]} {sev}",
+            f"{md_code(r['id'])}{star}", num(m.get("score"), ".2e"),
+            drop_interval(m.get("progress"), m.get("progress_lo"), m.get("progress_hi")), pct(m.get("beta_run"), 0),
+            num(m["psi_rank"], ".2f"), interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]), pct(m["beta"]),
+            pct(m["beta_eff"], 0), f"{_ICON[sev]} {sev}",
         ])
-    lines += _table(["setting", "psi", "psi_rank", "p_t [95% CI]", "p_t uniform", "blocked", "beta", "beta_eff", "Δloss", "verdict"], rows)
+    lines += _table(["setting", "score", "progress [95% CI]", "beta_run", "psi_rank", "p_t [95% CI]", "beta", "beta_eff", "verdict"], rows)
     if rec is not None:
         lines += ["", "### Recommendation", ""]
         if rec["setting"]:
@@ -77,7 +78,10 @@ def _dynamic_sections(doc: Doc, options: RenderOptions) -> list[str]:
             # A fenced block shows the snippet verbatim; it is one line (names are JSON-quoted), and a
             # fence longer than any backtick run in it cannot be closed early.
             fence = "`" * max(3, _longest_run(snippet, "`") + 1)
-            lines += ["", "Per-layer ranks (PEFT):", "", f"{fence}python", snippet, fence]
+            lines += ["", "PEFT configuration of the recommended setting:", "", f"{fence}python", snippet, fence]
+        if rec.get("rank_pattern"):
+            pattern = ", ".join(f"{md_code(k, in_table=False)}: {v}" for k, v in rec["rank_pattern"].items())
+            lines += ["", f"Layers whose gradient escapes rank {rec['base_rank']} (advice): {pattern}"]
         if rec["keep_finer"]:
             lines += ["", "Keep in a finer format: " + ", ".join(md_code(m, in_table=False) for m in rec["keep_finer"])]
         focus = focus_setting(doc)

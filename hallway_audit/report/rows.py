@@ -236,12 +236,23 @@ def interval(p: float | None, lo: float | None, hi: float | None) -> str:
     return f"{p:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def peft_snippet(rec: Mapping[str, Any], quote: Callable[[str], str] = json.dumps) -> str | None:
-    """The rank recommendation as a line to paste into a PEFT LoraConfig.
+def drop_interval(p: float | None, lo: float | None, hi: float | None) -> str:
+    """A relative loss drop with its 95% interval, in percent."""
+    if p is None:
+        return "-"
+    if lo is None or hi is None:
+        return f"{p:.2%}"
+    return f"{p:.2%} [{lo:.2%}, {hi:.2%}]"
 
-    Module names are written as JSON strings, which are Python string literals too,
-    so a name holding quotes or control characters still pastes as the same string."""
-    if not rec.get("rank_pattern"):
+
+def peft_snippet(rec: Mapping[str, Any], quote: Callable[[str], str] = json.dumps) -> str | None:
+    """The recommended setting as a complete PEFT LoraConfig to paste.
+
+    Strings are written as JSON strings, which are Python string literals too, so a
+    module name holding quotes or control characters still pastes as the same string."""
+    cfg = rec.get("lora_config")
+    if not cfg:
         return None
-    pattern = ", ".join(f"{quote(k)}: {v}" for k, v in rec["rank_pattern"].items())
-    return f"LoraConfig(r={rec['base_rank']}, rank_pattern={{{pattern}}})"
+    targets = ", ".join(quote(str(t)) for t in cfg["target_modules"])
+    return (f"LoraConfig(r={cfg['r']}, lora_alpha={cfg['lora_alpha']:g}, target_modules=[{targets}], "
+            f"use_rslora={bool(cfg['use_rslora'])})")

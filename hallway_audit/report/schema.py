@@ -11,11 +11,12 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..probe.horizon import Schedule
 
 if TYPE_CHECKING:
     from ..audit import AuditResult
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 
 
 def clean(value: Any) -> Any:
@@ -157,6 +158,9 @@ def _dynamic_dict(d) -> dict[str, Any]:
         "psi_target": o.psi_target,
         "per_layer_p": o.per_layer_p,
         "early_stop": o.early_stop,
+        "schedule": vars(o.schedule or Schedule()),
+        "train_steps": (o.schedule or Schedule()).steps,
+        "beta_floor": o.beta_floor,
     }
 
 

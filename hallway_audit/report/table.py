@@ -23,6 +23,7 @@ from .layout import Column, abbreviate, fitted_table
 from .rows import (
     SEVERITY_STYLE,
     Doc,
+    drop_interval,
     focus_setting,
     format_bits,
     grouped_findings,
@@ -38,7 +39,6 @@ from .rows import (
     rule_file_label,
     setting_severity,
     severity_counts,
-    signed,
     skipped_rules,
     sparkline,
     sqnr,
@@ -186,8 +186,9 @@ def _settings_table(doc: Doc, options: RenderOptions) -> Table:
     rec = doc["recommendation"]
     chosen = rec["setting"] if rec is not None else None
     spec = [
-        ("psi", "psi", 5), ("psi_rank", "psi_rank", 0), ("p_t [95% CI]", "p_t", 0), ("unif", "p_t_uniform", 1),
-        ("blocked", "blocked", 2), ("beta", "beta", 0), ("beta_eff", "beta_eff", 3), ("dloss", "loss_delta", 4),
+        ("score", "score", 0), ("progress [95% CI]", "progress", 6), ("beta_run", "beta_run", 0),
+        ("psi_rank", "psi_rank", 0), ("p_t [95% CI]", "p_t", 7), ("unif", "p_t_uniform", 1), ("psi", "psi", 5),
+        ("blocked", "blocked", 2), ("beta", "beta", 4), ("beta_eff", "beta_eff", 3),
     ]
     setting = Column("setting", justify="left", kind="wrap", floor=40)  # ids whole before optional columns stay
     cols = {key: Column(header, justify="left" if key == "p_t" else "right", drop=drop) for header, key, drop in spec}
@@ -196,10 +197,11 @@ def _settings_table(doc: Doc, options: RenderOptions) -> Table:
         m = r["model"]
         setting.cells.append(_t(r["id"], "bold green" if r["id"] == chosen else ""))
         values = {
-            "psi": num(m["psi"], ".2f"), "psi_rank": num(m["psi_rank"], ".2f"),
+            "score": num(m.get("score"), ".2e"), "progress": drop_interval(m.get("progress"), m.get("progress_lo"), m.get("progress_hi")),
+            "beta_run": pct(m.get("beta_run"), 0), "psi_rank": num(m["psi_rank"], ".2f"),
             "p_t": interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]), "p_t_uniform": num(m["p_t_uniform"], ".2f"),
-            "blocked": pct(m["blocked"], 0), "beta": pct(m["beta"]), "beta_eff": pct(m["beta_eff"], 0),
-            "loss_delta": signed(m["loss_delta"]),
+            "psi": num(m["psi"], ".2f"), "blocked": pct(m["blocked"], 0), "beta": pct(m["beta"]),
+            "beta_eff": pct(m["beta_eff"], 0),
         }
         for key, value in values.items():
             cols[key].cells.append(Text(value))
@@ -208,7 +210,8 @@ def _settings_table(doc: Doc, options: RenderOptions) -> Table:
     caption = []
     if rec is not None:
         caption.append(visible(f"recommended: {chosen}") if chosen else "no probed setting passes every error rule")
-    title = f"Probe bursts: {d['steps']} steps each, p_t from up to {d['samples']} moves per state (95% Wilson)"
+    title = (f"Probe bursts: {d['steps']} steps each, looking ahead {d.get('train_steps', 1000)} training steps; "
+             "score = predicted progress (higher is better)")
     return fitted_table(title, [setting, *cols.values(), verdict], options.width, caption)
 
 
@@ -256,8 +259,11 @@ def _recommendation(doc: Doc) -> Panel:
     grid.add_row("why", _t(rec["reason"]))
     snippet = peft_snippet(rec)
     if snippet:
-        label = "or, cheaper" if rec["setting"] and rec["base_rank"] is not None else "rank_pattern"
-        grid.add_row(label, _t(snippet))
+        grid.add_row("PEFT", _t(snippet))
+    if rec.get("rank_pattern"):
+        pattern = ", ".join(f"{k}: {v}" for k, v in rec["rank_pattern"].items())
+        grid.add_row("rank advice", _t(f"the gradient of these layers escapes rank {rec['base_rank']}: {pattern} "
+                                       "(a rank_pattern did not beat the uniform rank on the validation suite)"))
     if rec["keep_finer"]:
         grid.add_row("keep finer", _t(", ".join(rec["keep_finer"])))
     return Panel(grid, title="Recommendation", title_align="left", box=box.ROUNDED)

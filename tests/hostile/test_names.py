@@ -82,10 +82,20 @@ def _strip_code_spans(line: str) -> str:
 def _check_markdown(md: str) -> None:
     lines = md.splitlines()
     assert not _unsafe_chars(md)
+    fence = None  # inside a fenced code block nothing is markup, and only its own fence closes it
     for line in lines:
+        if fence is not None:
+            if line == fence:
+                fence = None
+            continue
+        opened = re.match(r"(`{3,})[a-z]*$", line)
+        if opened:
+            fence = opened.group(1)
+            continue
         if line.startswith("#"):
             assert OUR_HEADERS.match(line), f"forged header: {line!r}"
         assert "<" not in _strip_code_spans(line), f"raw HTML: {line!r}"
+    assert fence is None, "an unclosed code fence swallows the rest of the report"
     columns = None
     for i, line in enumerate(lines):
         if not line.startswith("|"):
