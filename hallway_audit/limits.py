@@ -34,6 +34,11 @@ MAX_TENSORS_DEFAULT = 200_000
 MAX_LAYERS_ENV = "HALLWAY_AUDIT_MAX_LAYERS"
 MAX_LAYERS_DEFAULT = 1024
 
+# config.json and *.index.json: the largest real ones are a few MB (an index of 10^5
+# tensors is ~10 MB); anything near this is not a checkpoint's metadata.
+MAX_JSON_BYTES_ENV = "HALLWAY_AUDIT_MAX_JSON_BYTES"
+MAX_JSON_BYTES_DEFAULT = 256 * 1024 * 1024
+
 # The memory the audit may plan to use, in GB; default: what the OS says is available.
 MEMORY_ENV = "HALLWAY_AUDIT_MEMORY_GB"
 
@@ -61,6 +66,10 @@ def max_tensors() -> int:
 
 def max_layers() -> int:
     return env_int(MAX_LAYERS_ENV, MAX_LAYERS_DEFAULT)
+
+
+def max_json_bytes() -> int:
+    return env_int(MAX_JSON_BYTES_ENV, MAX_JSON_BYTES_DEFAULT)
 
 
 def check_tensor_count(count: int, where: str) -> None:

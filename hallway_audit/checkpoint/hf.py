@@ -6,7 +6,6 @@ Only the weights are read here; config.json is parsed and kept so later stages
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +14,8 @@ import torch
 from hallway_audit.errors import CheckpointError
 
 from . import safetensors_reader, torch_reader
-from .base import Checkpoint, TensorInfo, one_line, shown
-from .paths import ensure_inside
+from .base import Checkpoint, TensorInfo, shown
+from .paths import ensure_inside, read_json
 from .sharded import ShardedCheckpoint, open_index
 
 CONFIG = "config.json"
@@ -51,13 +50,11 @@ class HFCheckpoint(Checkpoint):
 
 
 def read_config(path: Path) -> dict[str, Any]:
+    """config.json, read only if it is a regular file inside the folder of at most
+    MAX_JSON_BYTES (a link to /dev/zero or a 10 GB file is refused, not read)."""
     where = shown(path / CONFIG)
-    try:
-        config = json.loads((path / CONFIG).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"{where}: cannot read: {one_line(exc)}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: malformed config: not valid JSON ({one_line(exc)})") from exc
+    ensure_inside(path, path / CONFIG, where=shown(path), what=repr(CONFIG))
+    config = read_json(path / CONFIG, "config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{where}: malformed config: not a JSON object")
     return config

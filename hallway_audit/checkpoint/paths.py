@@ -17,8 +17,13 @@ downloaded model.
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
+from hallway_audit import limits
 from hallway_audit.errors import CheckpointError
+from hallway_audit.safe_load import FileProblem, decode_text, load_json_text, read_regular_file
+
+from .base import shown
 
 
 def confined(directory: Path, name: str, *, where: str, what: str) -> Path:
@@ -59,3 +64,16 @@ def ensure_inside(directory: Path, path: Path, *, where: str, what: str) -> None
 def _hub_cache_blob(root: Path, target: Path) -> bool:
     """root is .../models--x/snapshots/REV and target a file in .../models--x/blobs/."""
     return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A checkpoint's JSON metadata (config.json, *.index.json): a regular file of at
+    most HALLWAY_AUDIT_MAX_JSON_BYTES, nesting bounded (safe_load), or a
+    CheckpointError naming the file -- /dev/zero behind a link is refused, not read."""
+    where = shown(path)
+    try:
+        blob = read_regular_file(path, what=f"{what} file", limit=limits.max_json_bytes(), limit_env=limits.MAX_JSON_BYTES_ENV)
+        return load_json_text(decode_text(blob, f"{what} file"))
+    except FileProblem as exc:
+        text = str(exc)
+        raise CheckpointError(f"{where}: malformed {what}: {text}" if "JSON" in text else f"{where}: {text}") from exc

@@ -7,16 +7,16 @@ Only one shard's handle is open at a time, so memory stays near one tensor.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from hallway_audit import limits
 from hallway_audit.errors import CheckpointError
 
-from .base import Checkpoint, TensorInfo, one_line, shown
-from .paths import confined, ensure_inside
+from .base import Checkpoint, TensorInfo, shown
+from .paths import confined, ensure_inside, read_json
 
 ShardOpener = Callable[[Path], Checkpoint]
 
@@ -24,12 +24,7 @@ ShardOpener = Callable[[Path], Checkpoint]
 def load_index(index_path: Path) -> dict[str, str]:
     """The weight_map of a *.index.json: tensor name -> shard file name."""
     where = shown(index_path)
-    try:
-        data = json.loads(index_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CheckpointError(f"{where}: cannot read: {one_line(exc)}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{where}: malformed index: not valid JSON ({one_line(exc)})") from exc
+    data = read_json(index_path, "index")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{where}: malformed index: no 'weight_map' object")
@@ -38,6 +33,7 @@ def load_index(index_path: Path) -> dict[str, str]:
             raise CheckpointError(
                 f"{where}: malformed index: tensor {name!r} maps to {shard!r}, not a file name"
             )
+    limits.check_tensor_count(len(weight_map), where)  # before any shard is opened
     return dict(weight_map)
 
 

@@ -313,6 +313,43 @@ def model_larger_than_the_memory_figure(tmp: Path) -> Case:
                 "describes a model of exactly 26", env={"HALLWAY_AUDIT_MEMORY_GB": "0.00005"})
 
 
+def config_is_a_link_to_dev_zero(tmp: Path) -> Case:
+    """Not a regular file, so not a Hugging Face directory: the weights alone are audited."""
+    folder = tmp / "hf"
+    folder.mkdir()
+    _weights(folder / "model.safetensors")
+    (folder / "config.json").symlink_to("/dev/zero")
+    return Case([str(folder), "--no-rules"], [folder], (0,))
+
+
+def config_is_a_link_out_of_the_folder(tmp: Path) -> Case:
+    secret = _outside(tmp)
+    folder = tmp / "hf"
+    folder.mkdir()
+    _weights(folder / "model.safetensors")
+    (folder / "config.json").symlink_to(secret)
+    return Case([str(folder)], [folder, secret], (3,), "'config.json' is a link that leads outside",
+                forbidden=(str(OUTSIDE_SIZE),))
+
+
+def config_is_a_huge_json_file(tmp: Path) -> Case:
+    folder = tmp / "hf"
+    folder.mkdir()
+    _weights(folder / "model.safetensors")
+    (folder / "config.json").write_text('{"model_type": "llama", "pad": "' + "x" * 4096 + '"}')
+    return Case([str(folder)], [folder], (3,), "larger than the limit of 1000 bytes",
+                env={"HALLWAY_AUDIT_MAX_JSON_BYTES": "1000"})
+
+
+def index_with_more_entries_than_the_limit(tmp: Path) -> Case:
+    folder = tmp / "ckpt"
+    folder.mkdir()
+    _weights(folder / "model-00001.safetensors", 1)
+    _index(folder, {f"t.{i}": "model-00001.safetensors" for i in range(5000)})
+    return Case([str(folder)], [folder], (6,), "holds 5000 tensors, more than the limit of 1000",
+                env={"HALLWAY_AUDIT_MAX_TENSORS": "1000"})
+
+
 def device_meta(tmp: Path) -> Case:
     path = _weights(tmp / "m.safetensors")
     return Case([str(path), "--device", "meta"], [path], (2,), "not a device the audit can run on")
@@ -354,6 +391,10 @@ CASES: list[Callable[[Path], Case]] = [
     config_with_ten_million_layers,
     config_with_ten_million_layers_and_memory_to_spare,
     model_larger_than_the_memory_figure,
+    config_is_a_link_to_dev_zero,
+    config_is_a_link_out_of_the_folder,
+    config_is_a_huge_json_file,
+    index_with_more_entries_than_the_limit,
     device_meta,
     seed_not_an_integer,
     bad_limit_setting,
@@ -379,6 +420,30 @@ def test_integer_only_checkpoint_is_audited_with_a_note(tmp_path: Path) -> None:
     assert doc["static"]["layers"] == [] and doc["static"]["model"]["params"] == 0
     assert {s["name"] for s in doc["static"]["skipped_tensors"]} == {"ids", "mask"}
     assert set(doc["static"]["model"]["formats"]) == {"bf16", "fp8_e4m3"}
+
+
+def _allocation_fails_at_once(nbytes: int) -> bool:
+    """Linux's default overcommit heuristic (mode 0) refuses a malloc larger than RAM + swap
+    on the spot; under mode 1 it would succeed and the kernel's OOM killer act later."""
+    import psutil
+
+    try:
+        mode = Path("/proc/sys/vm/overcommit_memory").read_text().strip()
+    except OSError:
+        return False
+    return mode in ("0", "2") and nbytes > psutil.virtual_memory().total + psutil.swap_memory().total
+
+
+@pytest.mark.skipif(not _allocation_fails_at_once(2**31 * 32 * 4), reason="needs an OS that refuses a 275 GB malloc")
+def test_a_real_cpu_allocation_failure_is_exit_6(tmp_path: Path) -> None:
+    """With the memory check overridden, transformers asks torch for 275 GB; torch's CPU
+    allocator refuses with a RuntimeError, which is exit 6 like MemoryError."""
+    folder, calib = _hf_dir(tmp_path, vocab_size=2**31), _calib(tmp_path)
+    before = digest([folder, calib])
+    outcome = run_cli([str(folder), "--calib", str(calib), "--no-rules"], cwd=tmp_path,
+                      env={"HALLWAY_AUDIT_MEMORY_GB": "1000000"})
+    assert_refused(outcome, 6, needle="can't allocate memory")
+    assert_unchanged(before, [folder, calib])
 
 
 @pytest.mark.slow
