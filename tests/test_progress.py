@@ -42,6 +42,11 @@ def lines_of(console: Console) -> list[str]:
     return re.findall(r"hallway-audit: [^\n]*", console.export_text(clear=False))
 
 
+def visible(display: RunDisplay) -> list[str]:
+    assert display.bars is not None
+    return [t.description for t in display.bars.tasks if t.visible]
+
+
 def small_estimate(samples: int = 64) -> SweepEstimate:
     params = [ParamInfo("a.weight", "a", (32, 16), True), ParamInfo("a.bias", "a", (32,), False),
               ParamInfo("b.weight", "b", (8, 32), True)]
@@ -114,10 +119,12 @@ def test_one_display_walks_static_then_dynamic_and_estimates_exactly_on_a_steady
     estimate = small_estimate()
     assert display.bars is not None
     with display.bars:
+        assert visible(display) == ["starting"]  # while the model and data are checked
         display.static(0, 2000, "a.weight")
         clock.now += 2.0
         display.static(1000, 2000, "b.weight")
-        static = display.bars.tasks[0]
+        assert visible(display) == ["static pass"]
+        static = display.bars.tasks[1]
         assert static.visible and static.fields["amount"] == "1.0 kB/2.0 kB" and static.fields["eta"] == "2 s left"
         assert display.bars.phase == "static pass: b.weight"
         clock.now += 2.0
@@ -125,8 +132,8 @@ def test_one_display_walks_static_then_dynamic_and_estimates_exactly_on_a_steady
         assert not static.visible  # the static bar does not linger at 100%
 
         took = drive(display, clock, estimate)
-        dynamic = display.bars.tasks[1]
-        assert [t.description for t in display.bars.tasks if t.visible] == ["dynamic audit"]
+        dynamic = display.bars.tasks[2]
+        assert visible(display) == ["dynamic audit"]
         assert dynamic.total == dynamic.completed == estimate.total.units
         assert dynamic.fields["amount"] == "100%" and dynamic.fields["eta"] == "0 s left"
         assert display.bars.phase == f"setting 2/2 {estimate.settings[1].setting}: final losses"
@@ -175,9 +182,9 @@ def test_without_a_terminal_only_lines_and_nothing_with_quiet():
     text = console.file.getvalue()
     assert "\x1b[" not in text and "━" not in text  # no bar, no escape codes
     lines = text.splitlines()
-    assert [line.split(":")[1].split()[0] for line in lines] == ["plan", "cost", "estimate", "took"]
+    assert [line.split(":")[1].split()[0] for line in lines] == ["plan", "cost", "estimate", "audit"]
     # 536 events 10 ms apart after 5 s of static pass: 10.37 s in all
-    assert lines[3].startswith("hallway-audit: took 10 s (dynamic audit 5 s, estimated about ")
+    assert lines[3].startswith("hallway-audit: audit took 10 s (dynamic audit 5 s, estimated about ")
     quiet = Console(file=io.StringIO())
     with run_progress(quiet=True, console=quiet) as callbacks:
         assert callbacks == (None, None)
@@ -191,12 +198,12 @@ def test_short_runs_end_without_a_summary_long_ones_with_the_estimate():
     assert display.summary() is None
     took = drive(display, clock, small_estimate())
     clock.now += 12
-    assert display.summary() == (f"took {duration(clock.now)} (dynamic audit {duration(took)}, "
+    assert display.summary() == (f"audit took {duration(clock.now)} (dynamic audit {duration(took)}, "
                                  f"estimated about {duration(display.estimated_least)} to "
                                  f"{duration(display.estimated_seconds)})")
     static_only = RunDisplay(console, bars=False, clock=clock)
     clock.now += 11
-    assert static_only.summary() == "took 11 s"
+    assert static_only.summary() == "audit took 11 s"
 
 
 def test_a_real_run_draws_one_display_with_the_plan_above_it():

@@ -24,7 +24,7 @@ from ..probe.estimate import SweepEstimate
 from ..probe.events import BurstEvent, BurstProgress, ProgressEvent
 from ..static.audit import Progress as StaticProgress
 
-LONG_RUN_S = 10.0  # runs longer than this end with "took N (estimated M)"
+LONG_RUN_S = 10.0  # runs longer than this end with "audit took N (estimated M)"
 PREFIX = "hallway-audit: "
 
 
@@ -106,6 +106,8 @@ class RunDisplay:
                 refresh_per_second=4,
                 expand=False,
             )
+        # before the first callback: the model, data and loss are checked (a pulsing bar)
+        self.starting_task = self.bars.add_task("starting", total=None, amount="", eta="") if self.bars else None
         self.static_task: TaskID | None = None
         self.static_started = 0.0
         self.checkpoint_bytes: int | None = None
@@ -134,6 +136,8 @@ class RunDisplay:
             return
         now = self.clock()
         if self.static_task is None:
+            if self.starting_task is not None:
+                self.bars.update(self.starting_task, visible=False)
             self.static_started = now
             self.static_task = self.bars.add_task("static pass", total=max(total, 1), amount=f"0 B/{size(total)}",
                                                   eta="")
@@ -226,12 +230,12 @@ class RunDisplay:
     # -- the end ------------------------------------------------------------------------
 
     def summary(self) -> str | None:
-        """'took 1 min 33 s (dynamic audit 1 min 25 s, estimated about 50 s to 1 min 40 s)', or None
-        for short runs."""
+        """'audit took 1 min 33 s (dynamic audit 1 min 25 s, estimated about 50 s to 1 min 40 s)', or
+        None for short runs. Timed from the start of the audit (Python's imports come before it)."""
         took = self.clock() - self.started
         if took <= LONG_RUN_S:
             return None
-        line = f"took {duration(took)}"
+        line = f"audit took {duration(took)}"
         if self.estimate is not None:
             end = self.dynamic_ended if self.dynamic_ended is not None else self.clock()
             line += f" (dynamic audit {duration(end - self.dynamic_started)}"
