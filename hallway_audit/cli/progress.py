@@ -126,7 +126,7 @@ class RunDisplay:
 
     def say(self, line: str) -> None:
         """A plain line on stderr, above the bars when they are drawn."""
-        self.console.print(PREFIX + line, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(PREFIX + line, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
     # -- the static pass ----------------------------------------------------------------
 
