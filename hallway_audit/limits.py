@@ -91,9 +91,12 @@ def count(n: int) -> str:
     return str(n)
 
 
-def gb(nbytes: float) -> str:
-    """Bytes as the one-line errors show them: '275.0 GB'."""
-    return f"{nbytes / 1e9:.1f} GB"
+def nbytes_text(nbytes: float) -> str:
+    """Bytes as the one-line errors show them: '274.9 GB', '21.0 MB', '512 bytes'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{int(nbytes)} bytes"
 
 
 def available_memory(device: str | torch.device = "cpu") -> tuple[int, str]:

@@ -266,3 +266,12 @@ def test_hostile_path_file_is_never_opened(tmp_path):
     with pytest.raises(CheckpointError, match=r"'\.\./fifo' is not a file inside"):
         open_checkpoint(folder)
     assert Path(fifo).exists()
+
+
+def test_a_tensor_whose_measurement_cannot_fit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    path = write_safetensors(tmp_path / "big.safetensors", {"w": torch.zeros(1024, 1024)})
+    monkeypatch.setenv(limits.MEMORY_ENV, "0.01")  # 10 MB; int8 needs 5 float32 copies of 4 MB
+    with open_checkpoint(path) as ckpt:
+        with pytest.raises(ResourceError, match=r"tensor 'w' \(1\.0M elements\) needs about 21\.0 MB to measure \(scaled formats\); 10\.0 MB HALLWAY_AUDIT_MEMORY_GB=0\.01"):
+            run_static(ckpt, ["int8"], 1e-4)
+        assert run_static(ckpt, ["bf16"], 1e-4).model.params == 2**20  # plain formats stream in chunks

@@ -101,7 +101,7 @@ def _refuse_if_too_big(params: int, how: str, where: str, device: str | torch.de
         if need > free:
             raise ResourceError(
                 f"{where}config.json describes a model of {how} {limits.count(params)} parameters, "
-                f"{limits.gb(need)} in float32; {limits.gb(free)} {source}: it cannot be built "
+                f"{limits.nbytes_text(need)} in float32; {limits.nbytes_text(free)} {source}: it cannot be built "
                 f"(set {limits.MEMORY_ENV} to override the available figure)"
             )
 

@@ -12,7 +12,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..checkpoint import Checkpoint, layer_name
+from .. import limits
+from ..checkpoint import Checkpoint, TensorInfo, layer_name
+from ..checkpoint.base import shown
+from ..errors import ResourceError
 from ..lattice import get_format
 from .measure import CHUNK, SMALL_NUMEL, measure_many, measure_tensor
 from .result import LayerResult, StaticResult, TensorEntry
@@ -31,6 +34,33 @@ def _auditable(dtype: torch.dtype) -> bool:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# Tensors from this size are checked against the memory they will need (psutil per call).
+_CHECK_FROM = 1 << 20
+# float32 tensor-sized temporaries: scaled formats measure the whole tensor at once
+# (the copy, |w|, Q(w), ulp, Q(w) - w); singular values need about three copies.
+_SCALED_COPIES, _SPECTRAL_COPIES = 5, 3
+
+
+def _check_fits(info: TensorInfo, *, scaled: bool, spectral: bool, device: str | torch.device) -> None:
+    """Refuse (exit 6) a tensor whose measurement cannot fit, before reading it.
+
+    Plain formats are measured in cache-sized chunks of the memory-mapped tensor and
+    need no tensor-sized memory; scaled formats and --spectral do."""
+    copies = (_SCALED_COPIES if scaled else 0) + (_SPECTRAL_COPIES if spectral and len(info.shape) >= 2 else 0)
+    dev = torch.device(device)
+    need = info.numel * 4 * copies + (info.nbytes if dev.type != "cpu" else 0)
+    if need == 0:
+        return
+    available, source = limits.available_memory(dev)
+    if need > available:
+        why = ", ".join(w for w, on in (("scaled formats", scaled), ("--spectral", spectral)) if on) or "the copy to the device"
+        raise ResourceError(
+            f"{shown(info.source)}: tensor {info.name!r} ({limits.count(info.numel)} elements) needs about "
+            f"{limits.nbytes_text(need)} to measure ({why}); {limits.nbytes_text(available)} {source} "
+            f"(set {limits.MEMORY_ENV} to override)"
+        )
 
 
 def run_static(
@@ -84,6 +114,8 @@ def run_static(
         if layer is None:
             layer = layers[name] = LayerResult(name)
         layer.tensors.append(TensorEntry(info.name, dtype_name(info.dtype), tuple(info.shape)))
+        if info.numel >= _CHECK_FROM:
+            _check_fits(info, scaled=not batchable, spectral=spectral, device=device)
         w = checkpoint.read(info.name).to(device)
         if spectral and w.dim() >= 2 and w.numel() > layer._spectral_numel:
             layer.spectral = spectral_figures(w)
