@@ -47,12 +47,13 @@ def visible(display: RunDisplay) -> list[str]:
     return [t.description for t in display.bars.tasks if t.visible]
 
 
-def small_estimate(samples: int = 64) -> SweepEstimate:
+def small_estimate(samples: int = 64, per_layer_p: bool = False) -> SweepEstimate:
     params = [ParamInfo("a.weight", "a", (32, 16), True), ParamInfo("a.bias", "a", (32,), False),
               ParamInfo("b.weight", "b", (8, 32), True)]
     settings = [Setting(PrecisionStack("bf16"), Subspace("lora", 4), OptimizerSpec()),
                 Setting(PrecisionStack("bf16"), Subspace("full"), OptimizerSpec())]
-    return estimate_sweep(settings, params, BurstOptions(steps=8, samples=samples), train_examples=24, val_examples=8)
+    return estimate_sweep(settings, params, BurstOptions(steps=8, samples=samples, per_layer_p=per_layer_p),
+                          train_examples=24, val_examples=8)
 
 
 def sweep_events(estimate: SweepEstimate, drawn: int | None = None):
@@ -106,11 +107,14 @@ def test_plan_lines_state_settings_samples_passes_and_memory():
     estimate = small_estimate()
     total = estimate.total
     plan, cost = plan_lines(estimate, checkpoint_bytes=90_900_000)
-    assert plan == ("plan: 2 settings x (8 steps + p_t at 2 states x up to 64 + 64 samples) on 800 parameters "
+    assert plan == ("plan: 2 settings x (8 steps + p_t at 2 states x up to 64 optimizer + 64 uniform samples) on 800 parameters "
                     "(checkpoint 90.9 MB, 24 training / 8 held-out examples)")
     assert cost.startswith(f"cost: at most {total.forwards:,} forwards and {total.backwards:,} backwards "
                            f"({total.units:,} example-passes")
     assert f"weights {size(4 * 800)}" in cost and f"up to {size(estimate.trainable_bytes)}" in cost
+    # with --per-layer-p each LoRA target layer (a and b) draws its own samples
+    plan = plan_lines(small_estimate(per_layer_p=True), None)[0]
+    assert "x up to 64 optimizer + 64 uniform + 2 layers x 64 samples) on 800 parameters (24 training" in plan
 
 
 def test_one_display_walks_static_then_dynamic_and_estimates_exactly_on_a_steady_clock():
@@ -217,7 +221,7 @@ def test_a_real_run_draws_one_display_with_the_plan_above_it():
     assert "setting 1/1 bf16/r4/adamw-0.0001: p_t state 2/2" in text
     assert re.search(r"dynamic audit [━╸╺ ]+ 100% 0 s left", text)
     lines = lines_of(console)
-    assert lines[0].startswith("hallway-audit: plan: 1 setting x (2 steps + p_t at 2 states x up to 16 + 16 samples)")
+    assert lines[0].startswith("hallway-audit: plan: 1 setting x (2 steps + p_t at 2 states x up to 16 optimizer + 16 uniform samples)")
     est = result.dynamic.estimate
     assert f"at most {est.total.forwards:,} forwards and {est.total.backwards:,} backwards" in lines[1]
     assert result.dynamic.settings[0].forwards <= est.total.forwards
@@ -232,7 +236,7 @@ def test_the_cli_states_its_plan_on_stderr_and_the_plan_is_what_ran(capsys):
     forwards = sum(s["cost"]["forwards"] for s in doc["settings"])
     backwards = sum(s["cost"]["backwards"] for s in doc["settings"])
     lines = err.splitlines()
-    assert lines[0].startswith("hallway-audit: plan: 2 settings x (2 steps + p_t at 2 states x up to 16 + 16 samples)")
+    assert lines[0].startswith("hallway-audit: plan: 2 settings x (2 steps + p_t at 2 states x up to 16 optimizer + 16 uniform samples)")
     assert "checkpoint 386.3 kB" in lines[0]
     assert lines[1].startswith(f"hallway-audit: cost: at most {forwards:,} forwards and {backwards:,} backwards")
     assert lines[2].startswith("hallway-audit: estimate: about ")  # one figure: every sample is drawn

@@ -61,7 +61,8 @@ def plan_lines(estimate: SweepEstimate, checkpoint_bytes: int | None) -> list[st
     sizes = estimate.sizes
     if first is None:
         return []
-    samples = f"{first.samples} + {first.samples}" + (f" + {first.layers} x {first.samples}" if first.layers else "")
+    k = first.samples
+    samples = f"{k} optimizer + {k} uniform" + (f" + {first.layers} layers x {k}" if first.layers else "")
     ckpt = f"checkpoint {size(checkpoint_bytes)}, " if checkpoint_bytes is not None else ""
     total = estimate.total
     n = len(estimate.settings)
