@@ -126,3 +126,30 @@ def test_histogram_at_one_lr_predicts_beta_proposed_at_another():
     measured = low.model_metrics()["beta_proposed"]
     assert measured is not None and 0.05 < measured < 0.95  # the lr sits where it matters
     assert predicted == pytest.approx(measured, abs=0.08), (predicted, measured)
+
+
+def test_schedule_flags_reach_the_forecast_and_bad_ones_are_usage_errors(capsys, tmp_path):
+    """bf16 without master weights at a decaying lr: the weights stop crossing cells
+    part-way through the run, and the report says at which step and lr."""
+    import json
+
+    from helpers import EXAMPLE
+
+    from hallway_audit.cli import main
+
+    common = [str(EXAMPLE), "--calib", str(EXAMPLE / "calib.safetensors"), "--precision", "bf16", "--lr", "2e-4",
+              "--steps", "3", "--samples", "8", "-q", "--format", "json"]
+    code = main([*common, "--master-weights", "none", "--schedule", "cosine", "--train-steps", "300", "--lr-min", "0"])
+    doc = json.loads(capsys.readouterr().out)
+    [setting] = doc["settings"]
+    m = setting["model"]
+    assert doc["dynamic"]["train_steps"] == 300 and doc["dynamic"]["schedule"]["kind"] == "cosine"
+    assert m["train_steps"] == 300 and 0 < m["stall_step"] < 300
+    assert m["run_moving"] == pytest.approx(m["stall_step"] / 300, abs=0.02)
+    assert m["stall_lr"] < 2e-4
+    stalls = [f for f in doc["findings"] if f["rule"] == "run-stalls-in-decay"]
+    assert (m["run_moving"] < 0.5) == bool(stalls) and code == (1 if stalls else 0)
+    for bad in (["--warmup", "300", "--train-steps", "300"], ["--lr-min", "1e-3"], ["--train-steps", "0"]):
+        assert main([*common, *bad]) == 2, bad
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -26,6 +26,8 @@ _PLAN_PARAMS = {
     "master_weights": "master_weights", "optimizer": "optimizer", "steps": "steps", "samples": "samples",
     "p_every": "p_every", "sigma": "sigma", "micro_batch": "micro_batch", "eval_batch": "eval_batch",
     "seed": "seed", "per_layer_p": "per_layer_p", "no_early_stop": "no_early_stop", "max_length": "max_length",
+    "train_steps": "train_steps", "schedule": "schedule", "warmup": "warmup", "lr_min": "lr_min",
+    "lora_base": "lora_base", "quantize": "quantize", "adapter_precision": "adapter_precision",
 }
 _COMMA_LISTS = ("precision", "lr", "rank", "sparsity", "act_precision", "rounding", "master_weights", "optimizer")
 
@@ -88,6 +90,19 @@ def explicit_flags(ctx: click.Context) -> dict[str, object]:
 @click.option("--per-layer-p", is_flag=True, help="Also measure realized p_t per layer (one sampling run per layer).")
 @click.option("--no-early-stop", is_flag=True, help="Always draw --samples moves, even once the interval excludes 1/2.")
 @click.option("--max-length", type=int, default=DEFAULTS["max_length"], show_default=True, help="Token limit for text calibration files.")
+# --- the planned run the forecast looks ahead to, and how the frameworks run it ----
+@click.option("--train-steps", type=int, default=DEFAULTS["train_steps"], show_default=True,
+              help="Length of the planned training run: crossings are forecast over it.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine", "linear"]), default=DEFAULTS["schedule"],
+              show_default=True, help="The run's lr schedule after warmup (decaying to --lr-min).")
+@click.option("--warmup", type=int, default=DEFAULTS["warmup"], show_default=True, help="Warmup steps of the planned run.")
+@click.option("--lr-min", type=float, default=DEFAULTS["lr_min"], show_default=True, help="The lr the schedule decays to.")
+@click.option("--lora-base", type=click.Choice(["frozen", "merged"]), default="frozen", show_default=True,
+              help="frozen: LoRA as PEFT/QLoRA run it, Q(W0) + s B A; merged: W0 + s B A rounded onto the format each step.")
+@click.option("--quantize", type=click.Choice(["auto", "linear", "all"]), default="auto", show_default=True,
+              help="Parameters a weight format applies to: auto = all for bf16/fp16, linear weights for coarser formats.")
+@click.option("--adapter-precision", default="fp32", show_default=True, metavar="FORMAT",
+              help="Format LoRA adapters are stored in (PEFT: fp32).")
 @click.option("--plan", "plan_file", metavar="FILE",
               help="Plan YAML with the keys above (flags given on the command line win; a PEFT config wins over the plan).")
 @click.option("--peft-config", metavar="FILE", help="PEFT adapter_config.json: r, target_modules, lora_alpha, use_rslora, rank_pattern.")
@@ -97,8 +112,8 @@ def explicit_flags(ctx: click.Context) -> dict[str, object]:
 def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr, spectral,
                   fail_on, max_rows, device, quiet, calib, val, model_spec, loss_spec, rank, targets, alpha, rslora,
                   sparsity, act_precision, rounding, master_weights, optimizer, steps, samples, p_every, sigma,
-                  micro_batch, eval_batch, seed, per_layer_p, no_early_stop, max_length, plan_file, peft_config,
-                  trust_plan_code):
+                  micro_batch, eval_batch, seed, per_layer_p, no_early_stop, max_length, train_steps, schedule, warmup,
+                  lr_min, lora_base, quantize, adapter_precision, plan_file, peft_config, trust_plan_code):
     """Audit CHECKPOINT (.safetensors, sharded index or directory, Hugging Face
     directory, .onnx, .pt/.bin) against the planned formats and rule files; with
     --calib, also run probe bursts of every setting of the sweep."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import UsageError
 from ..probe.burst import BurstOptions
+from ..probe.horizon import Schedule
 from ..probe.settings import SweepSpec
 from .values import KEYS, MAX_SETTINGS_DEFAULT, MAX_SETTINGS_ENV, Key, canonical_key, check_value, show
 
@@ -48,6 +49,10 @@ DEFAULTS: dict[str, object] = {
     "eval_batch": BurstOptions.eval_batch,
     "seed": BurstOptions.seed,
     "max_length": 128,
+    "train_steps": Schedule.steps,
+    "schedule": Schedule.kind,
+    "warmup": Schedule.warmup,
+    "lr_min": Schedule.lr_min,
 }
 
 
@@ -248,9 +253,20 @@ def _assemble(values: Mapping[str, object], where: Mapping[str, str]) -> AuditPl
     if values.get("calib") is not None:
         sweep = SweepSpec(precision=list(formats), lr=list(lrs))
         for key in ("act_precision", "rounding", "master_weights", "rank", "targets", "alpha", "rslora",
-                    "rank_pattern", "sparsity", "optimizer"):
+                    "rank_pattern", "sparsity", "optimizer", "lora_base", "quantize", "adapter_precision"):
             if key in values:
                 setattr(sweep, key, values[key])
+        schedule = Schedule(
+            kind=str(_get(values, "schedule")),  # type: ignore[arg-type]
+            steps=int(_get(values, "train_steps")),  # type: ignore[call-overload]
+            warmup=int(_get(values, "warmup")),  # type: ignore[call-overload]
+            lr_min=float(_get(values, "lr_min")),  # type: ignore[arg-type]
+        )
+        if schedule.warmup >= schedule.steps:
+            raise UsageError(f"{where.get('warmup', 'warmup')}: the warmup ({schedule.warmup} steps) must be shorter "
+                             f"than the run (train_steps {schedule.steps})")
+        if schedule.lr_min > min(lrs):
+            raise UsageError(f"{where.get('lr_min', 'lr_min')}: lr_min {schedule.lr_min:g} is above the planned lr {min(lrs):g}")
         check_grid(sweep, where.get("rank", "the sweep") if "rank" in where else "the sweep")
         burst = BurstOptions(
             steps=int(_get(values, "steps")),  # type: ignore[call-overload]
@@ -262,6 +278,7 @@ def _assemble(values: Mapping[str, object], where: Mapping[str, str]) -> AuditPl
             seed=int(_get(values, "seed")),  # type: ignore[call-overload]
             per_layer_p=bool(values.get("per_layer_p", False)),
             early_stop=not values.get("no_early_stop", False),
+            schedule=schedule,
         )
         dynamic = DynamicPlan(
             calib=str(values["calib"]),

@@ -37,6 +37,10 @@ MAX_RANK = 1 << 20  # the model then bounds it: no rank above min(in, out) of a 
 MAX_TEXT_CHARS = 4096  # paths, specs, device names
 MAX_RANK_PATTERN_ENTRIES = 4096
 
+MAX_TRAIN_STEPS = 10**8  # the forecast's horizon: more than any real run
+SCHEDULES = ("constant", "cosine", "linear")
+LORA_BASES = ("frozen", "merged")
+QUANTIZE_SCOPES = ("auto", "linear", "all")
 ROUNDINGS = ("nearest", "stochastic")
 MASTER_WEIGHTS = ("fp32", "none")
 OPTIMIZERS = ("adamw", "sgd")
@@ -298,6 +302,14 @@ KEYS: dict[str, Key] = {
     "per_layer_p": Key(boolean, True),
     "no_early_stop": Key(boolean, True),
     "max_length": Key(limited(MAX_LENGTH_ENV, MAX_LENGTH_DEFAULT), True),
+    # the planned run the forecast looks ahead to, and how the probe models the frameworks
+    "train_steps": Key(_checker(integer, lo=1, hi=MAX_TRAIN_STEPS), True),
+    "schedule": Key(_checker(choice, allowed=SCHEDULES), True),
+    "warmup": Key(_checker(integer, lo=0, hi=MAX_TRAIN_STEPS), True),
+    "lr_min": Key(_checker(number, lo=0.0, strict=False), True),
+    "lora_base": Key(_checker(choice, allowed=LORA_BASES), True),
+    "quantize": Key(_checker(choice, allowed=QUANTIZE_SCOPES), True),
+    "adapter_precision": Key(format_name, True),
 }
 
 

@@ -226,6 +226,9 @@ class SweepSpec:
     sparsity: list[tuple[float, MaskKind]] = field(default_factory=lambda: [(0.0, "magnitude")])
     lr: list[float] = field(default_factory=lambda: [1e-4])
     optimizer: list[str] = field(default_factory=lambda: ["adamw"])
+    lora_base: LoraBase = "frozen"
+    quantize: Scope = "auto"
+    adapter_precision: str = "fp32"
 
     def settings(self) -> list[Setting]:
         for name in self.precision + [a for a in self.act_precision if a]:
@@ -247,12 +250,14 @@ class SweepSpec:
             if rank and sp:
                 raise UsageError("--rank and --sparsity cannot be combined in one setting (LoRA adapters are dense)")
             if rank:
-                sub = Subspace("lora", rank, self.targets, self.alpha, self.rslora, tuple(sorted(self.rank_pattern.items())))
+                sub = Subspace("lora", rank, self.targets, self.alpha, self.rslora, tuple(sorted(self.rank_pattern.items())),
+                               base=self.lora_base)
             elif sp:
                 sub = Subspace("sparse", 0, self.targets, sparsity=sp, mask=mask)
             else:
                 sub = Subspace("full", targets=self.targets)
-            prec = PrecisionStack(get_format(w).name, get_format(a).name if a else None, rnd, m)  # type: ignore[arg-type]
+            prec = PrecisionStack(get_format(w).name, get_format(a).name if a else None, rnd, m,  # type: ignore[arg-type]
+                                  scope=self.quantize, adapters=get_format(self.adapter_precision).name)
             out.append(Setting(prec, sub, OptimizerSpec(opt, lr)))  # type: ignore[arg-type]
         unique = list(dict.fromkeys(out))
         return unique
