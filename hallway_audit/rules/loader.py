@@ -535,7 +535,7 @@ class _Loader:
         try:
             return Rule(
                 id=str(rid), scope=scope, when=str(when), severity=severity, verdict=str(verdict),  # type: ignore[arg-type]
-                message=str(message), metadata=dict(meta or {}), source=f"{d}:{r.line}",
+                message=str(message), metadata=dict(meta) if isinstance(meta, dict) else {}, source=f"{d}:{r.line}",
             )
         except RuleFileError as exc:  # pragma: no cover - the checks above are a superset
             for p in exc.problems:
