@@ -31,6 +31,7 @@ from hallway_audit.errors import CheckpointError, DataError, UsageError
 
 from ..checkpoint import open_checkpoint
 from ..checkpoint.base import one_line, shown
+from ..checkpoint.torch_reader import check_storage
 from .loaded import parse_device
 
 Batch = dict[str, torch.Tensor]
@@ -108,6 +109,7 @@ def _read_tensors(p: Path, suffix: str, where: str) -> dict[str, Any]:
         raise DataError(f"{where}: not a readable torch file: {type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise DataError(f"{where}: holds a {type(obj).__name__}, not a dict of named tensors")
+    check_storage(obj, where, DataError)  # an expand()ed tensor would be copied to its full size
     return obj
 
 
