@@ -90,7 +90,7 @@ _METRICS: tuple[Metric, ...] = (
     Metric("stall_step", _LM, "dynamic", "the step of the planned run from which the weights stop moving (train_steps: they move to the end)"),
     Metric("stall_lr", _M, "dynamic", "the scheduled lr at stall_step (the final lr when they move to the end)"),
     Metric("train_steps", _M, "dynamic", "length of the planned run the forecast looks ahead to"),
-    Metric("score", _M, "dynamic", "predicted progress, for ranking settings: progress (or master-weight progress times beta_run) times run_moving"),
+    Metric("score", _M, "dynamic", "predicted relative loss drop over the planned run: the burst's drop compounded over the run's moving steps (ranks settings; the gate's floor)"),
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in _METRICS}

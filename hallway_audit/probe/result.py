@@ -39,17 +39,25 @@ def relative_drop(initial: float, losses: Sequence[float]) -> tuple[float | None
     return drop, drop - half, drop + half
 
 
-def score(progress: float | None, master: float | None, forecast: RunForecast | None) -> float | None:
-    """The ranking score: the burst's relative loss drop, or, where the forward rounds
-    fp32 master weights, the drop at the master weights times the fraction of the
-    gradient-weighted weights that will have crossed a cell within the run (what the
-    master drift turns into); times the fraction of the run that still moves."""
+def score(progress: float | None, master: float | None, forecast: RunForecast | None, horizon: float) -> float | None:
+    """The predicted relative loss drop over the planned run (docs/definitions.md §4.7).
+
+    The burst's relative drop p over K steps (or, where the forward rounds fp32 master
+    weights, the drop at the master weights times beta_run: what the master drift turns
+    into once it crosses cells) is compounded as a per-step rate over the run's moving
+    steps: 1 - (1 - p) ** (horizon * run_moving), where horizon = (sum of the run's lr)
+    / (K * peak lr). A rising loss (p <= 0) is returned as is. It is a ranking and a
+    floor, not a forecast of the final loss: early LoRA steps (B = 0) and late
+    saturation both bend the real curve away from a constant rate."""
     if progress is None:
         return None
     potential = progress
     if master is not None and forecast is not None:
         potential = max(progress, master * forecast.beta_run)
-    return potential * (forecast.run_moving if forecast is not None else 1.0)
+    if potential <= 0:
+        return potential
+    moving = forecast.run_moving if forecast is not None else 1.0
+    return 1.0 - (1.0 - min(potential, 0.999)) ** (horizon * moving)
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -195,6 +203,12 @@ class SettingResult:
             **self.outlook(),
         }
 
+    @property
+    def horizon(self) -> float:
+        """How many bursts the planned run is worth: sum of its lr over the burst's (K at the peak)."""
+        k = len(self.steps)
+        return sum(self.schedule.factors(self.setting.optimizer.lr)) / k if k else 0.0
+
     def outlook(self) -> dict[str, float | int | None]:
         """Progress over the burst and the forecast over the planned run (docs/definitions.md §4.6-4.7)."""
         progress, lo, hi = relative_drop(self.initial_loss, [s.loss for s in self.steps])
@@ -215,7 +229,7 @@ class SettingResult:
             "stall_step": (f.stall_step if f.stall_step is not None else self.schedule.steps) if f else None,
             "stall_lr": self.stall_lr,
             "train_steps": self.schedule.steps,
-            "score": score(progress, shadow, f),
+            "score": score(progress, shadow, f, self.horizon),
         }
 
     def layer_metrics(self) -> dict[str, dict[str, object]]:

@@ -61,7 +61,7 @@ def _dynamic_sections(doc: Doc, options: RenderOptions) -> list[str]:
         star = " ⭐" if rec is not None and rec["setting"] == r["id"] else ""
         sev = severity.get(r["id"], "ok")
         rows.append([
-            f"{md_code(r['id'])}{star}", num(m.get("score"), ".2e"),
+            f"{md_code(r['id'])}{star}", pct(m.get("score")),
             drop_interval(m.get("progress"), m.get("progress_lo"), m.get("progress_hi")), pct(m.get("beta_run"), 0),
             num(m["psi_rank"], ".2f"), interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]), pct(m["beta"]),
             pct(m["beta_eff"], 0), f"{_ICON[sev]} {sev}",

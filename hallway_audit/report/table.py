@@ -197,7 +197,7 @@ def _settings_table(doc: Doc, options: RenderOptions) -> Table:
         m = r["model"]
         setting.cells.append(_t(r["id"], "bold green" if r["id"] == chosen else ""))
         values = {
-            "score": num(m.get("score"), ".2e"), "progress": drop_interval(m.get("progress"), m.get("progress_lo"), m.get("progress_hi")),
+            "score": pct(m.get("score")), "progress": drop_interval(m.get("progress"), m.get("progress_lo"), m.get("progress_hi")),
             "beta_run": pct(m.get("beta_run"), 0), "psi_rank": num(m["psi_rank"], ".2f"),
             "p_t": interval(m["p_t"], m["p_t_lo"], m["p_t_hi"]), "p_t_uniform": num(m["p_t_uniform"], ".2f"),
             "psi": num(m["psi"], ".2f"), "blocked": pct(m["blocked"], 0), "beta": pct(m["beta"]),
@@ -211,7 +211,7 @@ def _settings_table(doc: Doc, options: RenderOptions) -> Table:
     if rec is not None:
         caption.append(visible(f"recommended: {chosen}") if chosen else "no probed setting passes every error rule")
     title = (f"Probe bursts: {d['steps']} steps each, looking ahead {d.get('train_steps', 1000)} training steps; "
-             "score = predicted progress (higher is better)")
+             "score = predicted loss drop over the run")
     return fitted_table(title, [setting, *cols.values(), verdict], options.width, caption)
 
 
