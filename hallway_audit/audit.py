@@ -25,6 +25,7 @@ from .rules.loader import rule_resolution_notes
 from .static import StaticResult, run_static
 from .static.audit import Progress
 from .subjects import dynamic_subjects, rounds_stored, static_subjects
+from .threads import cpu_threads
 
 if TYPE_CHECKING:  # the model package is imported only when a dynamic audit runs
     from .model import Batch, LoadedModel, LossFn
@@ -163,7 +164,9 @@ def audit(
         notes.append("static audit only: pass --calib (and --model unless CHECKPOINT is a Hugging Face directory) for probe bursts; dynamic rules are skipped")
     else:
         assert prepared is not None
-        dyn_result = _run_dynamic(prepared, dynamic, settings, ruleset, burst_progress)
+        params = sum(p.numel() for p in prepared.loaded.module.parameters())
+        with cpu_threads(params, dev):
+            dyn_result = _run_dynamic(prepared, dynamic, settings, ruleset, burst_progress)
         notes.extend(dyn_result.notes)
     static_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "static"), ruleset.vars, ruleset.files)
     dynamic_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "dynamic"), ruleset.vars, ruleset.files)
@@ -238,7 +241,8 @@ def _run_dynamic(
     progress: BurstProgress | None,
 ) -> DynamicResult:
     psi_target = ruleset.vars.get("psi_target", plan.burst.psi_target)
-    options = replace(plan.burst, psi_target=float(psi_target))  # type: ignore[arg-type]
+    beta_floor = ruleset.vars.get("beta_floor", plan.burst.beta_floor)
+    options = replace(plan.burst, psi_target=float(psi_target), beta_floor=float(beta_floor))  # type: ignore[arg-type]
     return run_sweep(
         prepared.loaded.module,
         settings=settings,
