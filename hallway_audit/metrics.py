@@ -84,6 +84,7 @@ _METRICS: tuple[Metric, ...] = (
     Metric("progress_hi", _M, "dynamic", "upper end of the 95% interval of progress"),
     Metric("progress_val", _M, "dynamic", "relative drop of the held-out loss over the burst"),
     Metric("progress_master", _M, "dynamic", "relative drop of the loss at the unrounded fp32 master weights"),
+    Metric("no_grad", _L, "dynamic", "true when the layer's gradient is exactly zero under this loss (its output never reaches it)"),
     Metric("grad_share", _L, "dynamic", "the layer's share of the squared gradient over what the setting trains"),
     Metric("beta_run", _LM, "dynamic", "fraction of weights forecast to change cell at least once within the planned run (model: gradient-weighted)"),
     Metric("run_moving", _LM, "dynamic", "fraction of the planned run's steps at which the weights still cross cells"),

@@ -47,9 +47,10 @@ def _score(result: SettingResult) -> float:
 
 
 def target_modules(result: SettingResult) -> list[str]:
-    """PEFT target_modules naming exactly the adapted layers: their last name parts when
-    those match no other linear layer, else the full module names."""
-    adapted = sorted(name for name, d in result.layers.items() if d.planned_rank is not None)
+    """PEFT target_modules naming exactly the adapted layers that receive a gradient (an
+    unused pooler is left out): their last name parts when those match no other linear
+    layer, else the full module names."""
+    adapted = sorted(name for name, d in result.layers.items() if d.planned_rank is not None and not d.no_grad)
     linear = [name for name, d in result.layers.items() if d.matrix_rank is not None]
     suffixes = sorted({name.rsplit(".", 1)[-1] for name in adapted})
     matched = [name for name in linear if name.rsplit(".", 1)[-1] in suffixes]

@@ -130,7 +130,13 @@ def test_pairs_with_an_in_batch_contrastive_loss_through_the_cli(bert_dir, pair_
     assert layers["pooler.dense"]["no_grad"] is True and layers["pooler.dense"]["beta"] is None
     assert not any(layer["no_grad"] for name, layer in layers.items() if name != "pooler.dense")
     assert layers["encoder.layer.0.attention.self.query"]["beta"] is not None
-    assert not any(f["layer"] == "pooler.dense" and f["setting"] for f in doc["findings"])
+    # it is reported as such (information, never a veto) and left out of the recommended targets
+    pooler = [f for f in doc["findings"] if f["layer"] == "pooler.dense" and f["setting"]]
+    assert [(f["rule"], f["severity"]) for f in pooler] == [("layer-gets-no-gradient", "info")]
+    rec = doc["recommendation"]
+    if rec["lora_config"] is not None:
+        targets = rec["lora_config"]["target_modules"]
+        assert "pooler.dense" not in targets and "dense" not in targets
 
 
 FACTORY = '''

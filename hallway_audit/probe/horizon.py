@@ -1,7 +1,7 @@
 """From a burst of K steps to the planned run: which weights will have moved by its end.
 
 A burst measures per-step crossings at the peak learning rate. Whether a setting
-trains is a question about the whole run (docs/definitions.md §4.6):
+trains is a question about the whole run (docs/definitions.md §4.7):
 
 * with fp32 master weights, sub-ULP steps accumulate: a weight changes cell once its
   accumulated drift leaves the cell, however small each step is;

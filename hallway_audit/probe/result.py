@@ -40,7 +40,7 @@ def relative_drop(initial: float, losses: Sequence[float]) -> tuple[float | None
 
 
 def score(progress: float | None, master: float | None, forecast: RunForecast | None, horizon: float) -> float | None:
-    """The predicted relative loss drop over the planned run (docs/definitions.md §4.7).
+    """The predicted relative loss drop over the planned run (docs/definitions.md §4.8).
 
     The burst's relative drop p over K steps (or, where the forward rounds fp32 master
     weights, the drop at the master weights times beta_run: what the master drift turns
@@ -210,7 +210,7 @@ class SettingResult:
         return sum(self.schedule.factors(self.setting.optimizer.lr)) / k if k else 0.0
 
     def outlook(self) -> dict[str, float | int | None]:
-        """Progress over the burst and the forecast over the planned run (docs/definitions.md §4.6-4.7)."""
+        """Progress over the burst and the forecast over the planned run (docs/definitions.md §4.7, §4.8)."""
         progress, lo, hi = relative_drop(self.initial_loss, [s.loss for s in self.steps])
         val_losses = [s.val_loss for s in self.steps]
         progress_val = None
