@@ -7,9 +7,11 @@ rules (or any module) re-runs the audit while unchanged reruns are free.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -19,21 +21,46 @@ from typing import Any
 from subjects import ROOT, Subject
 from trainer import Setting
 
+#: the checkout whose hallway_audit the CLI runs (`python -m hallway_audit` from there);
+#: run.py --tool-root points it at another one, e.g. a git worktree of an older commit
+TOOL_ROOT = ROOT
+
 AUDIT_VERSION = 1
 
 
 def tool_fingerprint() -> str:
     """sha256 over hallway_audit/**/*.py and rules/*.yaml: what decides the audit's answer."""
     h = hashlib.sha256()
-    files = sorted((ROOT / "hallway_audit").rglob("*.py")) + sorted((ROOT / "rules").glob("*.yaml"))
+    files = sorted((TOOL_ROOT / "hallway_audit").rglob("*.py")) + sorted((TOOL_ROOT / "rules").glob("*.yaml"))
     for f in files:
-        h.update(str(f.relative_to(ROOT)).encode())
+        h.update(str(f.relative_to(TOOL_ROOT)).encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
-def audit_args(subject: Subject, setting: Setting, steps: int, samples: int, extra: list[str]) -> list[str]:
-    """The command line for one setting (the audit has no lr schedule: it gets the peak lr)."""
+@functools.cache
+def supported_flags() -> frozenset[str]:
+    """The audit's options, read from its --help (flags are being added while the suite is used)."""
+    proc = subprocess.run([sys.executable, "-m", "hallway_audit", "audit", "--help"], cwd=TOOL_ROOT,
+                          capture_output=True, text=True, check=False)
+    return frozenset(re.findall(r"--[a-z][a-z0-9-]+", proc.stdout))
+
+
+def plan_flags(setting: Setting, run_steps: int) -> list[str]:
+    """The planned run as the audit can be told it: its length and lr schedule, where the CLI has the flags."""
+    have = supported_flags()
+    out: list[str] = []
+    if "--train-steps" in have:
+        out += ["--train-steps", str(run_steps)]
+    if setting.schedule != "constant" and {"--schedule", "--warmup", "--lr-min"} <= have:
+        warm = max(1, math.ceil(setting.warmup * run_steps))
+        out += ["--schedule", setting.schedule, "--warmup", str(warm), "--lr-min", f"{setting.lr_min:g}"]
+    return out
+
+
+def audit_args(subject: Subject, setting: Setting, steps: int, samples: int, extra: list[str],
+               run_steps: int | None = None) -> list[str]:
+    """The command line for one setting; with run_steps, the planned run's length and schedule too."""
     return [
         str(subject.ckpt), "--calib", str(subject.calib),
         "--precision", setting.precision,
@@ -43,7 +70,7 @@ def audit_args(subject: Subject, setting: Setting, steps: int, samples: int, ext
         "--rounding", setting.rounding,
         "--targets", setting.targets,
         "--steps", str(steps), "--samples", str(samples),
-        *subject.audit_args, *extra,
+        *subject.audit_args, *(plan_flags(setting, run_steps) if run_steps else []), *extra,
     ]
 
 
@@ -59,14 +86,18 @@ def scores(doc: dict[str, Any], setting_id: str | None = None) -> dict[str, floa
         return {}
     m = s.get("model", {})
     out = {k: _num(m.get(k)) for k in ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "beta", "beta_min",
-                                       "beta_eff", "beta_eff_elem", "beta_proposed", "p_t_uniform")}
+                                       "beta_eff", "beta_eff_elem", "beta_proposed", "p_t_uniform", "beta_run",
+                                       "run_moving", "progress", "progress_lo", "progress_val", "score")}
     l0, l1 = _num(m.get("initial_loss")), _num(m.get("loss"))
     v0, v1 = _num(m.get("initial_val_loss")), _num(m.get("val_loss"))
     out["burst_drop"] = (l0 - l1) / l0 if l0 else math.nan
     out["burst_val_drop"] = (v0 - v1) / v0 if v0 else math.nan
-    for key in ("score", "verdict_score"):
+    for key in ("score", "verdict_score"):  # a per-setting score outside `model`, if the schema has one
         if key in s:
             out[key] = _num(s[key])
+    if all(not math.isfinite(v) for k, v in out.items() if k in ("progress", "score")):
+        out.pop("progress")
+        out.pop("score")
     errors = [f for f in doc.get("findings", []) if f.get("severity") == "error"
               and f.get("setting") in (s.get("id"), None)]
     out["errors"] = float(len(errors))
@@ -74,16 +105,20 @@ def scores(doc: dict[str, Any], setting_id: str | None = None) -> dict[str, floa
 
 
 def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 8, samples: int = 32,
-              extra: list[str] | None = None, fingerprint: str | None = None, reuse: bool = False) -> dict[str, Any]:
+              extra: list[str] | None = None, fingerprint: str | None = None, reuse: bool = False,
+              cache_only: bool = False, run_steps: int | None = None) -> dict[str, Any]:
     """One CLI call (cached): {rc, passed, wall_s, error, scores, rules fired, args}.
 
     A cached answer is reused when it was made by the same tool source (fingerprint),
     or by any source with `reuse` (a baseline taken while the tree is being edited).
     """
-    args = audit_args(subject, setting, steps, samples, extra or [])
+    args = audit_args(subject, setting, steps, samples, extra or [], run_steps)
     fp = fingerprint or tool_fingerprint()
-    key = hashlib.sha256(json.dumps([AUDIT_VERSION, args]).encode()).hexdigest()[:12]
-    path = out / "audit" / subject.name / f"{setting.key}__{key}.json"
+    # keyed by the command line alone: subjects sharing a checkpoint and calib (reversal and
+    # schedule: the audit has no lr schedule) share the answer
+    where = [] if TOOL_ROOT == ROOT else [str(TOOL_ROOT)]
+    key = hashlib.sha256(json.dumps([AUDIT_VERSION, args, *where]).encode()).hexdigest()[:16]
+    path = out / "audit" / f"{key}.json"
     if path.is_file():
         try:
             cached = json.loads(path.read_text())
@@ -91,11 +126,14 @@ def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 8, sam
             cached = None
         if cached is not None and (reuse or cached.get("fingerprint") == fp):
             return cached
+    if cache_only:
+        return {"args": args, "fingerprint": None, "rc": None, "wall_s": None, "passed": None, "error": None,
+                "scores": {}, "fired": [], "reason": "not audited (cache only)"}
     path.parent.mkdir(parents=True, exist_ok=True)
     report = path.with_suffix(".audit.json")
     cmd = [sys.executable, "-m", "hallway_audit", *args, "--format", "json", "-o", str(report), "--quiet"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, cwd=TOOL_ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     result: dict[str, Any] = {"args": args, "fingerprint": fp, "rc": proc.returncode, "wall_s": wall,
                               "passed": None, "error": None, "scores": {}, "fired": [], "reason": None}

@@ -21,17 +21,38 @@ STUCK_FRACTION = 0.10
 NOISE_MULTIPLE = 2.0
 #: audit figures whose Spearman vs progress the report shows (if the JSON has them)
 PREDICTORS = ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "beta", "beta_min", "beta_eff", "beta_proposed",
-              "burst_drop", "burst_val_drop", "score", "verdict_score", "gate", "fewer_errors")
+              "beta_run", "run_moving", "burst_drop", "burst_val_drop", "progress", "progress_val", "score",
+              "verdict_score", "gate", "fewer_errors")
+#: recommend.py's tolerance: the cheapest passing setting whose score is >= (1 - REGRET) x the best passing score
+REGRET = 0.10
+
+
+def _late(run: RunResult) -> float:
+    """Progress made in the second half of the run, (L_{N/2} - L_N) / L0: does training still move at the end?"""
+    half = min(run.heldout, key=lambda sl: abs(sl[0] - run.steps / 2))
+    return (half[1] - run.heldout[-1][1]) / run.l0
 
 
 def _f(x: float, digits: int = 3) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
 
 
-def cheapest(rows: list[dict[str, Any]], passes: str) -> dict[str, Any] | None:
-    """The tool's recommendation rule: lowest rank (full last), then fewest bits, then grid order."""
+def cheapest(rows: list[dict[str, Any]], passes: str, score: str | None = None) -> dict[str, Any] | None:
+    """The tool's recommendation rule (hallway_audit/recommend.py): among the passing settings,
+    those whose score is within REGRET of the best passing score (all, without scores), then the
+    lowest rank (full last), then the fewest bits, then grid order."""
     ok = [r for r in rows if r.get(passes)]
+    if score is not None:
+        vals = [_score(r, score) for r in ok]
+        if ok and any(math.isfinite(v) for v in vals):
+            best = max(v for v in vals if math.isfinite(v))
+            ok = [r for r, v in zip(ok, vals, strict=True) if math.isfinite(v) and v >= (1 - REGRET) * best]
     return min(ok, key=lambda r: (r["cost"], r["index"])) if ok else None
+
+
+def _score(row: dict[str, Any], name: str) -> float:
+    value = row["scores"].get(name, math.nan) if name in row.get("scores", {}) else row.get(name, math.nan)
+    return float(value) if value is not None else math.nan
 
 
 def regret(rows: list[dict[str, Any]], chosen: dict[str, Any] | None) -> dict[str, Any]:
@@ -55,6 +76,7 @@ def analyse(subject: Any, settings: list[Setting], truth: dict[str, list[RunResu
             "index": i, "id": s.id, "cost": [s.cost_order[0] if math.isfinite(s.cost_order[0]) else 1e9, s.bits],
             "progress": statistics.fmean(prog), "progress_sd": statistics.stdev(prog) if len(prog) > 1 else 0.0,
             "progress_seeds": prog, "l0": runs[0].l0, "truth_wall_s": sum(r.wall_s for r in runs),
+            "late_progress": statistics.fmean(_late(r) for r in runs),
             "audit_passed": a.get("passed"), "audit_error": a.get("error"), "audit_wall_s": a.get("wall_s"),
             "audit_fired": a.get("fired", []), "scores": dict(a.get("scores", {})),
         }
@@ -89,7 +111,7 @@ def analyse(subject: Any, settings: list[Setting], truth: dict[str, list[RunResu
 
     gate = confusion([r["audit_passed"] for r in rows], actual)
     classifiers = {"audit gate": gate}
-    recs = {"audit": regret(rows, cheapest(rows, "audit_passed"))}
+    recs = {"audit": regret(rows, cheapest(rows, "audit_passed", "score"))}
     for k in trial_steps:
         key = f"trial{k}"
         if key not in rows[0]:
@@ -98,7 +120,7 @@ def analyse(subject: Any, settings: list[Setting], truth: dict[str, list[RunResu
         for r in rows:
             r[f"{key}_pass"] = r[key] >= STUCK_FRACTION * top and r[key] > 0
         classifiers[f"trial {k} steps"] = confusion([r[f"{key}_pass"] for r in rows], actual)
-        recs[f"trial {k} steps"] = regret(rows, cheapest(rows, f"{key}_pass"))
+        recs[f"trial {k} steps"] = regret(rows, cheapest(rows, f"{key}_pass", key))
         recs[f"trial {k} steps (argmax)"] = regret(rows, max(rows, key=lambda r, key=key: r[key]))
 
     audit_walls = [r["audit_wall_s"] for r in rows if r["audit_wall_s"] is not None]
@@ -109,7 +131,9 @@ def analyse(subject: Any, settings: list[Setting], truth: dict[str, list[RunResu
             costs[f"trial{k}_per_setting_s"] = statistics.fmean(r[f"trial{k}_cost_s"] for r in rows)
     out = {"subject": subject.name, "description": subject.description, "meta": subject.meta,
            "best_progress": best, "noise_sd": noise, "stuck_threshold": threshold,
-           "n_settings": len(rows), "n_trains": sum(actual), "rows": rows, "spearman": corr,
+           "n_settings": len(rows), "n_trains": sum(actual),
+           "n_audited": sum(r["audit_passed"] is not None for r in rows),
+           "audit_fingerprints": sorted({a["fingerprint"] for a in audits.values() if a.get("fingerprint")}), "rows": rows, "spearman": corr,
            "classifiers": classifiers, "recommendations": recs, "costs": costs}
     if subject.meta.get("planted_layers"):
         out["planted"] = planted_check(subject.meta, settings, audits)
@@ -205,16 +229,18 @@ def markdown(doc: dict[str, Any]) -> str:
     for s in subjects:
         lines += [f"## {s['subject']}", "", s["description"], "",
                   f"best progress {_f(s['best_progress'])}, seed noise sd {_f(s['noise_sd'])}, stuck below "
-                  f"{_f(s['stuck_threshold'])}; {s['n_trains']}/{s['n_settings']} settings train.", ""]
-        show = [n for n in ("psi", "p_t", "p_t_lo", "beta", "beta_eff", "burst_drop", "score") if n in s["spearman"]]
+                  f"{_f(s['stuck_threshold'])}; {s['n_trains']}/{s['n_settings']} settings train; "
+                  f"{s['n_audited']}/{s['n_settings']} audited (tool fingerprints {', '.join(s['audit_fingerprints']) or '-'}).", ""]
+        show = [n for n in ("psi", "p_t_lo", "beta", "beta_eff", "burst_drop", "progress", "score") if n in s["spearman"]]
         ks = [k for k in run["trial_steps"] if f"trial{k}" in s["rows"][0]]
         body = []
         for r in s["rows"]:
             gate = "ERR" if r["audit_error"] else ("-" if r["audit_passed"] is None else ("pass" if r["audit_passed"] else "fail"))
-            body.append([f"`{r['id']}`", f"{_f(r['progress'])} ± {_f(r['progress_sd'])}", "no" if r["trains"] else "**stuck**",
+            body.append([f"`{r['id']}`", f"{_f(r['progress'])} ± {_f(r['progress_sd'])}", _f(r["late_progress"]),
+                         "no" if r["trains"] else "**stuck**",
                          gate, *(_f(r["scores"].get(n, math.nan), 2) for n in show),
                          *(_f(r[f"trial{k}"]) for k in ks), ", ".join(x.split(":")[0] for x in r["audit_fired"])])
-        lines += _table(["setting", "progress", "stuck", "gate", *show, *(f"trial{k}" for k in ks), "errors fired"], body)
+        lines += _table(["setting", "progress", "2nd half", "stuck", "gate", *show, *(f"trial{k}" for k in ks), "errors fired"], body)
         errs = [r for r in s["rows"] if r["audit_error"]]
         if errs:
             lines += ["", "Audit errors: " + "; ".join(f"`{r['id']}`: {r['audit_error']}" for r in errs)]

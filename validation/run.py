@@ -51,13 +51,14 @@ def _map(fn: Any, jobs: list[Any], workers: int) -> list[Any]:
 
 def _git() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE.parent, capture_output=True,
+        root = audit_runner.TOOL_ROOT
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, check=False).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hallway_audit", "rules"], cwd=HERE.parent,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "hallway_audit", "rules"], cwd=root,
                                capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         return "unknown"
-    return head + ("+dirty" if dirty else "")
+    return (head or "not a git checkout") + ("+dirty" if dirty else "")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -74,7 +75,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-audit", action="store_true", help="ground truth and trials only")
     p.add_argument("--reuse-audits", action="store_true",
                    help="reuse cached audit answers even if the tool's source changed since (default: re-audit)")
+    p.add_argument("--audit-cache-only", action="store_true",
+                   help="never call the audit: use cached answers (any tool version), leave the rest out")
+    p.add_argument("--no-plan-flags", action="store_true",
+                   help="do not tell the audit the run's length and lr schedule (--train-steps, --schedule, ...)")
+    p.add_argument("--tool-root", type=Path, default=None,
+                   help="run the audit of another checkout (e.g. a git worktree of an older commit)")
     p.add_argument("--out", type=Path, default=HERE / "out")
+    p.add_argument("--report", default="report", help="report file names: OUT/REPORT.md and OUT/REPORT.json")
     return p.parse_args(argv)
 
 
@@ -89,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     trial_steps = tuple(k for k in (int(x) for x in args.trial_steps.split(",") if x) if k <= args.steps)
     extra = shlex.split(args.audit_extra)
-    fingerprint = audit_runner.tool_fingerprint()
+    if args.tool_root is not None:
+        audit_runner.TOOL_ROOT = args.tool_root.resolve()
+        if "--rules" not in extra:  # the installed package's bundled rules would be this checkout's
+            extra += ["--rules", str(audit_runner.TOOL_ROOT / "rules" / "default.yaml")]
     out: Path = args.out
     results = []
     for name in names:
@@ -113,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
 
             def one(s: Setting, subject: subjects.Subject = subject) -> dict[str, Any]:
-                return audit_runner.run_audit(out, subject, s, args.audit_steps, args.audit_samples, extra, fingerprint,
-                                              args.reuse_audits)
+                # the fingerprint is taken per call: other work may change the tool while the suite runs
+                return audit_runner.run_audit(out, subject, s, args.audit_steps, args.audit_samples, extra, None,
+                                              args.reuse_audits or args.audit_cache_only, args.audit_cache_only,
+                                              None if args.no_plan_flags else args.steps)
 
             with ThreadPoolExecutor(max(1, args.jobs)) as pool:
                 audits = {s.id: a for s, a in zip(settings, pool.map(one, settings), strict=True)}
@@ -123,13 +136,14 @@ def main(argv: list[str] | None = None) -> int:
 
     doc = {"run": {"subjects": names, "steps": args.steps, "seeds": args.seeds, "trial_steps": list(trial_steps),
                    "audit_steps": args.audit_steps, "audit_samples": args.audit_samples, "audit_extra": extra,
-                   "audited": not args.no_audit, "fingerprint": fingerprint, "git": _git(),
+                   "audited": not args.no_audit, "fingerprint": audit_runner.tool_fingerprint(), "git": _git(),
+                   "tool_root": str(audit_runner.TOOL_ROOT),
                    "wall_s": time.perf_counter() - start, "torch": torch.__version__},
            "subjects": results}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(doc, indent=1, default=str))
-    (out / "report.md").write_text(report.markdown(doc))
-    print(f"validation: wrote {out / 'report.md'} and report.json in {doc['run']['wall_s']:.0f} s", file=sys.stderr)
+    (out / f"{args.report}.json").write_text(json.dumps(doc, indent=1, default=str))
+    (out / f"{args.report}.md").write_text(report.markdown(doc))
+    print(f"validation: wrote {out / args.report}.md and .json in {doc['run']['wall_s']:.0f} s", file=sys.stderr)
     return 0
 
 
