@@ -290,3 +290,20 @@ def test_message_rendering_never_raises() -> None:
 def test_subject_rejects_bad_scope() -> None:
     with pytest.raises(ValueError):
         Subject("tensor", None, "x", {})
+
+
+def test_a_loss_that_barely_moves_fails_and_one_that_rises_warns() -> None:
+    """On the validation suite a burst whose loss spiked then trained best: a rise is a
+    warning, a loss that does not move is the error."""
+    rs = load_rules(["default.yaml"])
+    run = {"lr": 1e-3, "format": "fp32", "train_steps": 200, "beta_run": 1.0, "run_moving": 1.0}
+    cases = {"flat": (0.004, 0.0001), "rising": (-11.3, -11.3), "dropping": (0.7, 0.05)}
+    subjects = [Subject("model", name, None, {**run, "score": score, "progress": progress, "progress_lo": None,
+                                              "progress_hi": None})
+                for name, (score, progress) in cases.items()]
+    out = evaluate(rs, subjects)
+    fired = {(o.rule.id, o.subject.setting) for o in out if o.status == "fired"}
+    assert ("loss-does-not-drop", "flat") in fired and ("loss-rises", "flat") not in fired
+    assert ("loss-rises", "rising") in fired and ("loss-does-not-drop", "rising") not in fired
+    assert not {r for r, s in fired if s == "dropping"} - {"setting-trains"}
+    assert by_rule(out, "loss-rises")[1].rule.severity == "warning"

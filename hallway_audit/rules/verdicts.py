@@ -22,6 +22,7 @@ VERDICTS: dict[str, str] = {
     "check_generalization": "the hallway helps the training batch but not the held-out batch",
     "does_not_train": "the loss is not expected to drop in this setting: check the learning rate and the data",
     "keep_finer": "a small layer cannot move in this format: keep it in a finer one (advice, not a veto)",
+    "lower_lr": "the loss rose over the burst: an early spike, or an lr too high (lower it or add warmup)",
     "drop_target": "the layer gets no gradient under this loss: leave it out of the targets",
 }
 
