@@ -83,7 +83,8 @@ def recommend(dynamic: DynamicResult, outcomes: list[Outcome]) -> Recommendation
     passing = [r for r in dynamic.settings if errors[r.id] == 0 and not global_errors]
     if passing:
         best = max(_score(r) for r in passing)
-        near = [r for r in passing if best == -math.inf or _score(r) >= (1 - REGRET) * best]
+        floor = best - REGRET * abs(best) if math.isfinite(best) else -math.inf  # a best score may be negative
+        near = [r for r in passing if _score(r) >= floor]
         chosen = min(near, key=_cost)
         reason = (f"the cheapest setting (lowest rank, then fewest bits) whose score is within {REGRET:.0%} "
                   "of the best among the settings that pass every error rule")

@@ -145,3 +145,24 @@ def test_recommended_lora_config_builds_with_peft_and_adapts_what_it_names(tmp_p
     for m in got.values():
         assert m.r["default"] == rec.lora_config["r"] == chosen.setting.subspace.rank
         assert m.lora_alpha["default"] == rec.lora_config["lora_alpha"]
+
+
+def test_recommendation_when_every_passing_loss_rose(tmp_path):
+    """A sweep whose only passing settings have negative scores (the loss rose in the
+    burst) still recommends one: the cheapest within 10% of the best, measured on |best|."""
+    from hallway_audit.recommend import recommend
+    from hallway_audit.probe.horizon import RunForecast, Schedule
+    from hallway_audit.probe.result import SettingResult, StepRecord
+    from hallway_audit.probe.sweep import DynamicResult
+
+    def result(rank: int, losses: list[float]) -> SettingResult:
+        steps = [StepRecord(i, x, None, x, None, None, None, None, None, 0.0) for i, x in enumerate(losses)]
+        return SettingResult(Setting(PrecisionStack("bf16"), Subspace("lora", rank), OptimizerSpec("adamw", 1e-3)),
+                             "t", 10, 1.0, None, steps, {}, [], None, 0.0, 0, 0, Schedule("constant", 8),
+                             RunForecast(1.0, 1.0, None))
+
+    settings = [result(16, [1.5, 2.0]), result(4, [1.5, 2.1]), result(2, [3.0, 4.0])]
+    dyn = DynamicResult("m", "t", "c", "v", 10, 2, 10, BurstOptions(), "cpu", settings, 0.0)
+    rec = recommend(dyn, [])
+    # scores -1.0, -1.1, -3.0: r4 is within 10% of |best|, r2 is not
+    assert rec.setting == settings[1].id
