@@ -150,10 +150,10 @@ def test_recommended_lora_config_builds_with_peft_and_adapts_what_it_names(tmp_p
 def test_recommendation_when_every_passing_loss_rose(tmp_path):
     """A sweep whose only passing settings have negative scores (the loss rose in the
     burst) still recommends one: the cheapest within 10% of the best, measured on |best|."""
-    from hallway_audit.recommend import recommend
     from hallway_audit.probe.horizon import RunForecast, Schedule
     from hallway_audit.probe.result import SettingResult, StepRecord
     from hallway_audit.probe.sweep import DynamicResult
+    from hallway_audit.recommend import recommend
 
     def result(rank: int, losses: list[float]) -> SettingResult:
         steps = [StepRecord(i, x, None, x, None, None, None, None, None, 0.0) for i, x in enumerate(losses)]
