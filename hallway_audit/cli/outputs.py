@@ -15,7 +15,7 @@ import click
 
 from ..report import formatter_names
 from ..report.inputs import RunInput
-from ..report.outputs import OutputSpec, check_outputs, output_plan, render_outputs, write_outputs
+from ..report.outputs import OutputSpec, check_outputs, output_plan, publish
 
 F = TypeVar("F", bound=Callable[..., Any])
 _KEY = "hallway_audit.outputs"
@@ -62,8 +62,7 @@ def prepare_outputs(ctx: click.Context, inputs: list[RunInput]) -> list[OutputSp
 
 def emit(doc: Mapping[str, Any], outputs: list[OutputSpec], *, max_rows: int) -> None:
     """Render every output, write the files (then stdout), and say on stderr what was written."""
-    rendered = render_outputs(doc, outputs, max_rows=max_rows)
-    written = write_outputs(rendered)
+    written = publish(doc, outputs, max_rows=max_rows)
     status = "passed" if doc["gate"]["passed"] else "failed"
     for out in written:
         click.echo(f"hallway-audit: wrote {out.path} (gate {status})", err=True)

@@ -8,7 +8,7 @@ back, so `hallway-audit render audit.json` prints what the audit printed.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -38,6 +38,11 @@ class Formatter(ABC):
 
     @abstractmethod
     def render_document(self, doc: Mapping[str, Any], options: RenderOptions) -> str: ...
+
+    def render_stream(self, doc: Mapping[str, Any], options: RenderOptions, write: Callable[[str], Any]) -> None:
+        """Hand render_document's text to `write`, in pieces if the format can (a
+        report of 10^6 outcomes then goes to its file without being one string)."""
+        write(self.render_document(doc, options))
 
 
 FORMATTERS: dict[str, type[Formatter]] = {}

@@ -27,8 +27,9 @@ MAX_REPORT_BYTES = 512 << 20
 
 def as_document(report: AuditResult | Mapping[str, Any]) -> dict[str, Any]:
     """The document exactly as a saved report reads back (a result, or its `to_dict()`)."""
-    doc = report if isinstance(report, Mapping) else result_to_dict(report)
-    return json.loads(json.dumps(doc, sort_keys=True, allow_nan=False))
+    if isinstance(report, Mapping):
+        return json.loads(json.dumps(report, sort_keys=True, allow_nan=False))
+    return result_to_dict(report)  # built as it reads back: no text round trip
 
 
 # --- checking a saved report -------------------------------------------------------------

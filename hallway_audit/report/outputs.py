@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from ..errors import OutputError, UsageError
-from .base import RenderOptions, formatter_names, get_formatter
+from .base import Formatter, RenderOptions, formatter_names, get_formatter
 from .inputs import RunInput
 from .layout import report_width
-from .write import stream_of, write_atomic
+from .write import StagedFile, stage, stream_of, write_through
 
 
 @dataclass(frozen=True)
@@ -156,30 +156,49 @@ def wants_color(stream: TextIO) -> bool:
     return stream.isatty() and "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
 
 
-def render_outputs(doc: Mapping[str, Any], outputs: Sequence[OutputSpec], *, max_rows: int) -> list[tuple[OutputSpec, str]]:
-    """Every output's text, rendered before any is written (a rendering bug writes nothing)."""
-    rendered = []
-    for out in outputs:
-        formatter = get_formatter(out.format)
-        options = RenderOptions(
-            color=out.path is None and not formatter.machine and wants_color(sys.stdout),
-            width=report_width(out.to_stdout),
-            max_rows=max_rows,
-        )
-        rendered.append((out, formatter.render_document(doc, options)))
-    return rendered
+def _options(out: OutputSpec, formatter: Formatter, max_rows: int) -> RenderOptions:
+    return RenderOptions(
+        color=out.path is None and not formatter.machine and wants_color(sys.stdout),
+        width=report_width(out.to_stdout),
+        max_rows=max_rows,
+    )
 
 
-def write_outputs(rendered: Sequence[tuple[OutputSpec, str]], stdout: TextIO | None = None) -> list[OutputSpec]:
-    """Files first (each atomically), then stdout; returns the file outputs written."""
-    written = []
-    for out, text in rendered:
-        if out.path is not None:
-            write_atomic(out.path, text)
-            written.append(out)
-    for out, text in rendered:
-        if out.path is None:
+def publish(doc: Mapping[str, Any], outputs: Sequence[OutputSpec], *, max_rows: int,
+            stdout: TextIO | None = None) -> list[OutputSpec]:
+    """Render and write every output; returns those with a file, in order.
+
+    A rendering or writing failure writes none of them: a regular file is rendered
+    straight into a temp file beside it (write.stage), and the temp files are renamed
+    into place only once every output has rendered; a device, a FIFO or stdout gets
+    its text, rendered in memory, after that (files first, then stdout).
+    """
+    staged: list[StagedFile | None] = []
+    texts: list[str | None] = []
+    try:
+        for out in outputs:
+            formatter = get_formatter(out.format)
+            options = _options(out, formatter, max_rows)
+            target = stage(out.path) if out.path is not None else None
+            staged.append(target)
+            if target is None:
+                texts.append(formatter.render_document(doc, options))
+            else:
+                texts.append(None)
+                formatter.render_stream(doc, options, target.write)
+        for out, target, text in zip(outputs, staged, texts, strict=True):
+            if target is not None:
+                target.commit()
+            elif out.path is not None and text is not None:
+                write_through(out.path, text)
+    except BaseException:
+        for target in staged:
+            if target is not None:
+                target.discard()
+        raise
+    for out, text in zip(outputs, texts, strict=True):
+        if out.path is None and text is not None:
             stream = stdout or sys.stdout
             stream.write(text)
             stream.flush()
-    return written
+    return [out for out in outputs if out.path is not None]

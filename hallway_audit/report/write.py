@@ -11,6 +11,11 @@
 * /dev/stdout, /dev/stderr, /dev/fd/1|2, /proc/self/fd/1|2 are the process's own
   streams, whatever they point at: written to the stream (so `-o /dev/stdout >> log`
   appends as the shell asked).
+
+`stage(path)` is the first half of that for a regular file: the text goes to the
+temp file as it is rendered, and `commit` renames it into place, so several
+outputs of one run are each complete or untouched, and a large report never has
+to be one string (outputs.publish).
 """
 
 from __future__ import annotations
@@ -68,50 +73,106 @@ def _write_through(target: str, text: str) -> None:
         handle.write(text)
 
 
-def _write_replacing(target: Path, text: str, mode: int) -> None:
-    directory = target.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # durability of the rename; not every filesystem allows it
-        dir_fd = os.open(directory, os.O_RDONLY)
+CHUNK = 1 << 20  # characters encoded at a time: a 400 MB report is never one bytes object
+
+
+class StagedFile:
+    """A report written to a temp file beside its target, renamed over it by `commit`:
+    until then the target is untouched, and `discard` removes the temp file."""
+
+    def __init__(self, shown: str, target: Path, mode: int) -> None:
+        self.shown, self.target, self.mode = shown, target, mode
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        except OSError as exc:
+            raise _fail(shown, exc) from exc
+        self.handle = os.fdopen(fd, "w", encoding="utf-8")
+        self.done = False
 
+    def write(self, text: str) -> None:
+        try:
+            for start in range(0, len(text), CHUNK):
+                self.handle.write(text[start:start + CHUNK])
+        except OSError as exc:
+            raise _fail(self.shown, exc) from exc
+        except UnicodeEncodeError as exc:  # a surrogate in a loaded report's string
+            raise _fail(self.shown, f"text not encodable as UTF-8 ({exc.reason})") from exc
 
-def write_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write `text` to `path` as described in the module docstring; OutputError (exit 5) on failure."""
-    shown = os.fspath(path)
-    fd = stream_of(path)
-    try:
-        if fd is not None:
-            _write_stream(fd, text)
+    def commit(self) -> None:
+        try:
+            with self.handle:
+                self.handle.flush()
+                os.fchmod(self.handle.fileno(), self.mode)
+                os.fsync(self.handle.fileno())
+            os.replace(self.tmp, self.target)
+        except OSError as exc:
+            raise _fail(self.shown, exc) from exc
+        self.done = True
+        with contextlib.suppress(OSError):  # durability of the rename; not every filesystem allows it
+            dir_fd = os.open(self.target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def discard(self) -> None:
+        if self.done:
             return
+        with contextlib.suppress(OSError):
+            self.handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+        self.done = True
+
+
+def stage(path: str | os.PathLike[str]) -> StagedFile | None:
+    """A StagedFile for a regular file (a symlink's target) or a new name; None for what
+    is written through rather than replaced: the process's stdout/stderr, a character
+    device, a FIFO. OutputError (exit 5) for anything else, or a missing directory."""
+    shown = os.fspath(path)
+    if stream_of(path) is not None:
+        return None
+    try:
         try:
             st = os.stat(shown)  # follows symlinks
         except FileNotFoundError:
             st = None
         if st is not None and (stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
-            _write_through(shown, text)
-            return
+            return None
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise _fail(shown, "exists and is not a regular file, a character device or a FIFO")
         target = Path(os.path.realpath(shown))  # a symlink's target; the link itself stays
         if not target.parent.is_dir():
             raise _fail(shown, f"directory {target.parent} does not exist")
         mode = stat.S_IMODE(st.st_mode) & 0o777 if st is not None else 0o666 & ~current_umask()
-        _write_replacing(target, text, mode)
+    except OSError as exc:
+        raise _fail(shown, exc) from exc
+    return StagedFile(shown, target, mode)
+
+
+def write_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` to `path` as described in the module docstring; OutputError (exit 5) on failure."""
+    staged = stage(path)
+    if staged is None:
+        write_through(path, text)
+        return
+    try:
+        staged.write(text)
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def write_through(path: str | os.PathLike[str], text: str) -> None:
+    """Write to the process's stdout/stderr, a character device or a FIFO (see `stage`)."""
+    shown = os.fspath(path)
+    fd = stream_of(path)
+    try:
+        if fd is not None:
+            _write_stream(fd, text)
+        else:
+            _write_through(shown, text)
     except OSError as exc:
         raise _fail(shown, exc) from exc
     except UnicodeEncodeError as exc:  # a surrogate in a loaded report's string

@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from ..errors import UsageError
+from ..gc_pause import gc_paused
 from .expr import ExprError
 from .schema import SCOPES, SEVERITIES, Rule, RuleSet
 
@@ -84,18 +85,24 @@ def _normalize(value: object) -> object:
     raise TypeError(f"unsupported metric value {value!r}")
 
 
-def _applies(rule: Rule, subject: Subject) -> bool:
-    return subject.scope == rule.scope and (subject.setting is not None) == rule.per_setting
+_PLAIN = frozenset({int, str, bool, type(None)})  # values _normalize returns unchanged
 
 
 def _evaluate_one(rule: Rule, subject: Subject, vars: Mapping[str, object]) -> Outcome:
     env: dict[str, object] = dict(vars)
     missing: list[str] = []
+    metrics = subject.metrics
     for name in rule.required:
-        try:
-            value = _normalize(subject.metrics.get(name))
-        except TypeError as exc:
-            return Outcome(rule, subject, "skipped", f"cannot evaluate: {exc}")
+        value: object = metrics.get(name)
+        kind = type(value)
+        if isinstance(value, float) and kind is float:  # the common case, without _normalize's ABC checks
+            if math.isnan(value):
+                value = None
+        elif kind not in _PLAIN:
+            try:
+                value = _normalize(value)
+            except TypeError as exc:
+                return Outcome(rule, subject, "skipped", f"cannot evaluate: {exc}")
         if value is None:
             missing.append(name)
         env[name] = value
@@ -115,16 +122,23 @@ def _evaluate_one(rule: Rule, subject: Subject, vars: Mapping[str, object]) -> O
 
 def evaluate(ruleset: RuleSet, subjects: Iterable[Subject]) -> list[Outcome]:
     """Outcomes rule by rule (file order), subject by subject (input order)."""
-    subjects = list(subjects)
+    # A rule applies to the subjects of its scope whose setting is given exactly when the
+    # rule is per-setting. Grouping once lets each rule read its group instead of testing
+    # every subject (rules x subjects on a checkpoint of 10^5 layers).
+    groups: dict[tuple[str, bool], list[Subject]] = {}
+    for s in subjects:
+        groups.setdefault((s.scope, s.setting is not None), []).append(s)
+    vars = dict(ruleset.vars)
     outcomes: list[Outcome] = []
-    for rule in ruleset.rules:
-        applicable = [s for s in subjects if _applies(rule, s)]
-        if not applicable:
-            where = "per setting " if rule.per_setting else ""
-            empty = Subject(rule.scope, None, None, {})
-            outcomes.append(Outcome(rule, empty, "skipped", f"no {rule.scope} subject {where}in this run"))
-            continue
-        outcomes.extend(_evaluate_one(rule, s, ruleset.vars) for s in applicable)
+    with gc_paused():  # 10^6 outcomes on a checkpoint of 10^5 layers, none in a cycle
+        for rule in ruleset.rules:
+            applicable = groups.get((rule.scope, rule.per_setting))
+            if not applicable:
+                where = "per setting " if rule.per_setting else ""
+                empty = Subject(rule.scope, None, None, {})
+                outcomes.append(Outcome(rule, empty, "skipped", f"no {rule.scope} subject {where}in this run"))
+                continue
+            outcomes.extend([_evaluate_one(rule, s, vars) for s in applicable])
     return outcomes
 
 
