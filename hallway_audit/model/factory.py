@@ -24,6 +24,7 @@ from hallway_audit.errors import HallwayError, ModelError, UsageError
 
 from ..checkpoint import open_checkpoint
 from ..checkpoint.base import one_line
+from ..limits import is_out_of_memory
 from .loaded import LoadedModel, finish
 from .state import load_strict
 
@@ -105,6 +106,8 @@ def build_factory_model(
     except HallwayError:
         raise
     except Exception as exc:
+        if is_out_of_memory(exc):  # torch's CPU allocator raises a plain RuntimeError: exit 6, not 7
+            raise
         raise ModelError(
             f"--model {spec!r}: the factory raised {type(exc).__name__}: {one_line(exc)}"
         ) from exc

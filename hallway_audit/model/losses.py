@@ -19,6 +19,7 @@ from torch import nn
 from hallway_audit.errors import DataError, HallwayError, ResourceError, UnknownNameError, UsageError
 
 from ..checkpoint.base import one_line
+from ..limits import is_out_of_memory
 from .call import LOSS_HINT, call_model, check_fits, logits_of, loss_of
 from .data import IGNORE_INDEX, BatchView, batch_size, take
 from .factory import import_object
@@ -248,6 +249,8 @@ def checked_loss(
     except OUT_OF_MEMORY as exc:
         raise ResourceError(f"out of memory computing {what}: {one_line(exc)}") from exc
     except Exception as exc:
+        if is_out_of_memory(exc):  # torch's CPU allocator raises a plain RuntimeError: exit 6, not 8
+            raise
         raise DataError(f"{what} failed on {where}: {type(exc).__name__}: {one_line(exc)}") from exc
     if not isinstance(loss, torch.Tensor):
         raise DataError(f"{what} returned a {type(loss).__name__}, not a torch.Tensor")
