@@ -117,7 +117,9 @@ def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 8, sam
     # keyed by the command line alone: subjects sharing a checkpoint and calib (reversal and
     # schedule: the audit has no lr schedule) share the answer
     where = [] if TOOL_ROOT == ROOT else [str(TOOL_ROOT)]
-    key = hashlib.sha256(json.dumps([AUDIT_VERSION, args, *where]).encode()).hexdigest()[:16]
+    # the calibration file's bytes too: a rebuilt subject must not reuse answers about the old one
+    calib = hashlib.sha256(Path(subject.calib).read_bytes()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([AUDIT_VERSION, args, calib, *where]).encode()).hexdigest()[:16]
     path = out / "audit" / f"{key}.json"
     if path.is_file():
         try:

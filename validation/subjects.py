@@ -221,11 +221,17 @@ def planted() -> Subject:
     out = Path(__file__).resolve().parent / "out" / "subjects" / "planted"
 
     def build() -> None:
-        if (out / "calib.safetensors").is_file():
-            return
+        calib = out / "calib.safetensors"
+        stamp = json.dumps({"layers": PLANTED_LAYERS, "rank": PLANTED_RANK, "scale": PLANTED_SCALE})
+        if calib.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(calib), "pt") as f:
+                if (f.metadata() or {}).get("planted") == stamp:
+                    return  # built for this very target
         out.mkdir(parents=True, exist_ok=True)
         batch = planted_batch(64, torch.Generator().manual_seed(CALIB_SEED))
-        save_file(batch, str(out / "calib.safetensors"), metadata={"task": "match a rank-4 planted target"})
+        save_file(batch, str(calib), metadata={"task": "match a rank-4 planted target", "planted": stamp})
 
     return Subject(
         "planted", f"tiny Llama must match a target = itself + a rank-{PLANTED_RANK} change in {', '.join(PLANTED_LAYERS)}",
