@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hallway_audit.audit import DynamicPlan, audit
 from hallway_audit.probe import BurstOptions, SweepSpec
 from hallway_audit.report import FORMATTERS, as_document, indented_json
+from hallway_audit.report import outputs as outputs_module
 from hallway_audit.report.base import Formatter, RenderOptions
 from hallway_audit.report.indented_json import BATCH, dumps_indented, write_indented
 from hallway_audit.report.outputs import OutputSpec, publish
@@ -250,3 +251,12 @@ def test_a_failing_output_leaves_every_file_as_it_was(tmp_path: Path, results: d
     assert old.read_text() == (tmp_path / "new.json").read_text() == _stdlib(doc) + "\n"
     assert capsys.readouterr().out.startswith("╭─ hallway-audit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.json", "old.json"]
+
+
+def test_stdout_gets_the_whole_report_through_a_spool_on_disk(results: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(outputs_module, "SPOOL_BYTES", 100)  # rolls over to a temp file at once
+    monkeypatch.setattr(indented_json, "CHUNK", 512)  # and arrives in many pieces
+    doc = as_document(results["dynamic"])
+    assert publish(doc, [OutputSpec("json", None, "--format json")], max_rows=5) == []
+    assert capsys.readouterr().out == _stdlib(doc) + "\n"

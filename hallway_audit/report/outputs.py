@@ -15,15 +15,16 @@ from __future__ import annotations
 import os
 import stat
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 from ..errors import OutputError, UsageError
 from .base import Formatter, RenderOptions, formatter_names, get_formatter
 from .inputs import RunInput
 from .layout import report_width
-from .write import StagedFile, stage, stream_of, write_through
+from .write import CHUNK, StagedFile, stage, stream_of, write_through
 
 
 @dataclass(frozen=True)
@@ -170,35 +171,78 @@ def publish(doc: Mapping[str, Any], outputs: Sequence[OutputSpec], *, max_rows: 
 
     A rendering or writing failure writes none of them: a regular file is rendered
     straight into a temp file beside it (write.stage), and the temp files are renamed
-    into place only once every output has rendered; a device, a FIFO or stdout gets
-    its text, rendered in memory, after that (files first, then stdout).
+    into place only once every output has rendered; stdout, a device or a FIFO gets
+    its text after that (files first, then stdout), from a spool that holds up to
+    SPOOL_BYTES in memory and the rest on disk, so that no report is ever one string.
     """
     staged: list[StagedFile | None] = []
-    texts: list[str | None] = []
+    spools: list[IO[str] | None] = []
     try:
-        for out in outputs:
-            formatter = get_formatter(out.format)
-            options = _options(out, formatter, max_rows)
-            target = stage(out.path) if out.path is not None else None
-            staged.append(target)
-            if target is None:
-                texts.append(formatter.render_document(doc, options))
-            else:
-                texts.append(None)
-                formatter.render_stream(doc, options, target.write)
-        for out, target, text in zip(outputs, staged, texts, strict=True):
-            if target is not None:
-                target.commit()
-            elif out.path is not None and text is not None:
-                write_through(out.path, text)
-    except BaseException:
-        for target in staged:
-            if target is not None:
-                target.discard()
-        raise
-    for out, text in zip(outputs, texts, strict=True):
-        if out.path is None and text is not None:
-            stream = stdout or sys.stdout
-            stream.write(text)
-            stream.flush()
+        try:
+            for out in outputs:
+                formatter = get_formatter(out.format)
+                options = _options(out, formatter, max_rows)
+                target = stage(out.path) if out.path is not None else None
+                staged.append(target)
+                spools.append(None if target is not None else _spool(out))
+                formatter.render_stream(doc, options, target.write if target is not None else _spooler(out, spools[-1]))
+            for out, target, spool in zip(outputs, staged, spools, strict=True):
+                if target is not None:
+                    target.commit()
+                elif out.path is not None and spool is not None:
+                    write_through(out.path, _pieces(out, spool))
+        except BaseException:
+            for target in staged:
+                if target is not None:
+                    target.discard()
+            raise
+        for out, spool in zip(outputs, spools, strict=True):
+            if out.path is None and spool is not None:
+                stream = stdout or sys.stdout
+                for piece in _pieces(out, spool):
+                    stream.write(piece)
+                stream.flush()
+    finally:
+        for spool in spools:
+            if spool is not None:
+                spool.close()
     return [out for out in outputs if out.path is not None]
+
+
+SPOOL_BYTES = 32 << 20
+
+
+def _spool(out: OutputSpec) -> IO[str]:
+    # surrogatepass: a lone surrogate (from a loaded report) comes back as it went in,
+    # and reaches the stream's own encoding as it did before spooling
+    try:
+        return tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, mode="w+", encoding="utf-8",
+                                             errors="surrogatepass", newline="")
+    except OSError as exc:  # pragma: no cover - in memory until SPOOL_BYTES
+        raise _spool_error(out, exc) from exc
+
+
+def _spool_error(out: OutputSpec, exc: OSError) -> OutputError:
+    return OutputError(f"{out.path or 'stdout'}: cannot write the report: its temp file failed: {exc.strerror or exc}")
+
+
+def _spooler(out: OutputSpec, spool: IO[str] | None) -> Callable[[str], Any]:
+    assert spool is not None
+
+    def write(text: str) -> None:
+        try:
+            spool.write(text)
+        except OSError as exc:  # the temp directory is full
+            raise _spool_error(out, exc) from exc
+
+    return write
+
+
+def _pieces(out: OutputSpec, spool: IO[str]) -> Iterator[str]:
+    """The spooled text, from the start, CHUNK characters at a time."""
+    try:
+        spool.seek(0)
+        while piece := spool.read(CHUNK):
+            yield piece
+    except OSError as exc:
+        raise _spool_error(out, exc) from exc

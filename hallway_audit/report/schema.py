@@ -22,7 +22,7 @@ SCHEMA_VERSION = "1.4"
 
 
 def clean(value: Any) -> Any:
-    """JSON has no inf/nan: they become null (sqnr_db is null when rel_error 0)."""
+    """JSON has no inf/nan: they become null (sqnr_db is null when rel_error is 0)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):

@@ -25,6 +25,7 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from ..errors import OutputError
@@ -60,17 +61,19 @@ def _fail(target: str, exc: OSError | str) -> OutputError:
     return OutputError(f"{target}: cannot write the report: {why}")
 
 
-def _write_stream(fd: int, text: str) -> None:
+def _write_stream(fd: int, pieces: Iterable[str]) -> None:
     stream = sys.stdout if fd == 1 else sys.stderr
-    stream.write(text)
+    for piece in pieces:
+        stream.write(piece)
     stream.flush()
 
 
-def _write_through(target: str, text: str) -> None:
+def _write_through(target: str, pieces: Iterable[str]) -> None:
     """A device or FIFO: open for writing (no create, no truncate) and write."""
     fd = os.open(target, os.O_WRONLY | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
+        for piece in pieces:
+            handle.write(piece)
 
 
 CHUNK = 1 << 20  # characters encoded at a time: a 400 MB report is never one bytes object
@@ -164,15 +167,17 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
-def write_through(path: str | os.PathLike[str], text: str) -> None:
-    """Write to the process's stdout/stderr, a character device or a FIFO (see `stage`)."""
+def write_through(path: str | os.PathLike[str], text: str | Iterable[str]) -> None:
+    """Write to the process's stdout/stderr, a character device or a FIFO (see `stage`);
+    `text` may come in pieces."""
     shown = os.fspath(path)
     fd = stream_of(path)
+    pieces = [text] if isinstance(text, str) else text
     try:
         if fd is not None:
-            _write_stream(fd, text)
+            _write_stream(fd, pieces)
         else:
-            _write_through(shown, text)
+            _write_through(shown, pieces)
     except OSError as exc:
         raise _fail(shown, exc) from exc
     except UnicodeEncodeError as exc:  # a surrogate in a loaded report's string
