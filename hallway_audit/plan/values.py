@@ -37,7 +37,7 @@ MAX_RANK = 1 << 20  # the model then bounds it: no rank above min(in, out) of a 
 MAX_TEXT_CHARS = 4096  # paths, specs, device names
 MAX_RANK_PATTERN_ENTRIES = 4096
 
-MAX_TRAIN_STEPS = 10**8  # the forecast's horizon: more than any real run
+MAX_TRAIN_STEPS = 10**7  # the forecast's horizon: more than any fine-tuning run (its lr is an array this long)
 SCHEDULES = ("constant", "cosine", "linear")
 LORA_BASES = ("frozen", "merged")
 QUANTIZE_SCOPES = ("auto", "linear", "all")

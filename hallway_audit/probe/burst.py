@@ -29,7 +29,7 @@ from .crossing import ActivationCells, activation_changes, cell_changes, crossin
 from .engine import Batch, LossEvaluator, LossFn
 from .estimate import pt_states as measured_states
 from .events import BurstEvent, BurstProgress, Part
-from .horizon import Schedule, forecast_layers, weighted_forecast
+from .horizon import Schedule, burst_gain, forecast_layers, weighted_forecast
 from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_values
 from .pt import Direction, StateGradients, measure_pt, split_gradient
 from .realize import Realization
@@ -400,7 +400,7 @@ def run_burst(
         shadow_end = _shadow_loss(real, evaluator, real.stored(), eval_batch)
         report(BurstEvent(setting.id, "end", options.steps))
     schedule = options.schedule or Schedule()
-    scales = schedule.factors(setting.optimizer.lr)
+    scales = schedule.factor_array(setting.optimizer.lr)
     hists = {layer: d.hist for layer, d in layers.items()}
     forecasts = forecast_layers(real, start_stored, start_phi, hists, layer_of, scales, options.steps, options.beta_floor)
     for layer, f in forecasts.items():
@@ -423,7 +423,9 @@ def run_burst(
         backwards=evaluator.backwards,
         schedule=schedule,
         forecast=model_forecast,
-        stall_lr=(setting.optimizer.lr * scales[min(model_forecast.stall_step, len(scales) - 1)]
-                  if model_forecast is not None and model_forecast.stall_step is not None else setting.optimizer.lr * scales[-1]),
+        stall_lr=float(setting.optimizer.lr * scales[min(model_forecast.stall_step, len(scales) - 1)]
+                       if model_forecast is not None and model_forecast.stall_step is not None
+                       else setting.optimizer.lr * scales[-1]),
+        horizon=burst_gain(scales, options.steps),
         shadow=(shadow_start, shadow_end) if shadow_start is not None and shadow_end is not None else None,
     )

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .realize import Realization
 
 ScheduleKind = Literal["constant", "cosine", "linear"]
+Scales = Sequence[float] | np.ndarray  # lr(t) / peak along the run (Schedule.factor_array)
 
 
 @dataclass(frozen=True)
@@ -46,23 +48,24 @@ class Schedule:
     warmup: int = 0
     lr_min: float = 0.0
 
-    def factors(self, peak: float) -> list[float]:
-        """lr(t) / peak for t = 0 .. steps-1 (the peak is the setting's lr)."""
+    def factor_array(self, peak: float) -> np.ndarray:
+        """lr(t) / peak for t = 0 .. steps-1 (the peak is the setting's lr), vectorized:
+        a run can be millions of steps and every forecast walks all of them."""
         floor = min(self.lr_min / peak, 1.0) if peak > 0 else 0.0
-        out = []
-        decay = max(self.steps - self.warmup, 1)
-        for t in range(self.steps):
-            if t < self.warmup:
-                out.append((t + 1) / self.warmup)
-                continue
-            progress = (t - self.warmup) / decay
-            if self.kind == "cosine":
-                out.append(floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-            elif self.kind == "linear":
-                out.append(floor + (1.0 - floor) * (1.0 - progress))
-            else:
-                out.append(1.0)
+        t = np.arange(self.steps, dtype=np.float64)
+        progress = (t - self.warmup) / max(self.steps - self.warmup, 1)
+        if self.kind == "cosine":
+            out = floor + (1.0 - floor) * 0.5 * (1.0 + np.cos(np.pi * progress))
+        elif self.kind == "linear":
+            out = floor + (1.0 - floor) * (1.0 - progress)
+        else:
+            out = np.ones(self.steps)
+        if self.warmup:
+            out[: self.warmup] = (t[: self.warmup] + 1) / self.warmup
         return out
+
+    def factors(self, peak: float) -> list[float]:
+        return self.factor_array(peak).tolist()
 
     @property
     def label(self) -> str:
@@ -77,6 +80,20 @@ class Schedule:
 # The histogram's bins as ratio ranges; the open ends are closed one octave out.
 _LOWS = (HIST_EDGES[0] / 2, *HIST_EDGES)
 _HIGHS = (*HIST_EDGES, HIST_EDGES[-1] * 2)
+
+
+def beta_at_scales(hist: Sequence[float], scales: np.ndarray) -> np.ndarray:
+    """beta_at_scale for every scale at once (same arithmetic, one pass per bin)."""
+    total = float(sum(hist))
+    out = np.zeros(len(scales))
+    if total <= 0:
+        return out
+    with np.errstate(divide="ignore"):
+        threshold = 0.5 / np.asarray(scales, dtype=np.float64)  # inf where scale is 0
+    for count, lo, hi in zip(hist, _LOWS, _HIGHS, strict=True):
+        if count:
+            out += count * np.clip(np.log2(hi / threshold) / math.log2(hi / lo), 0.0, 1.0)
+    return out / total
 
 
 def beta_at_scale(hist: Sequence[float], scale: float) -> float:
@@ -96,7 +113,7 @@ def beta_at_scale(hist: Sequence[float], scale: float) -> float:
     return above / total
 
 
-def sr_moved_at_least_once(hist: Sequence[float], scales: Sequence[float]) -> float:
+def sr_moved_at_least_once(hist: Sequence[float], scales: Scales) -> float:
     """Fraction of weights stochastic rounding moves at least once in a run whose step
     t is scales[t] times the histogram's: a step of r ULP moves the stored weight
     with probability min(1, r), independently per step."""
@@ -104,11 +121,12 @@ def sr_moved_at_least_once(hist: Sequence[float], scales: Sequence[float]) -> fl
     if total <= 0:
         return 0.0
     moved = 0.0
+    s = np.asarray(scales, dtype=np.float64)
     for count, lo, hi in zip(hist, _LOWS, _HIGHS, strict=True):
         if not count:
             continue
-        r = math.sqrt(lo * hi)
-        log_stay = sum(math.log1p(-p) if p < 1.0 else -math.inf for p in (min(1.0, r * s) for s in scales))
+        p = np.minimum(1.0, math.sqrt(lo * hi) * s)
+        log_stay = -math.inf if bool((p >= 1.0).any()) else float(np.log1p(-p).sum())
         moved += count * (1.0 - math.exp(log_stay))
     return moved / total
 
@@ -132,25 +150,22 @@ class RunForecast:
     stall_step: int | None  # the first step from which it no longer moves (None: it moves to the end)
 
 
-def forecast_by_steps(hist: Sequence[float], scales: Sequence[float], floor: float) -> RunForecast:
+def forecast_by_steps(hist: Sequence[float], scales: Scales, floor: float) -> RunForecast:
     """Nearest rounding, no master weights: a weight moves only at steps whose proposal
     exceeds half a ULP, so each step's crossing rate is the shifted histogram."""
-    rates = [beta_at_scale(hist, s) for s in scales]
-    moving = [r > floor for r in rates]
-    stall = None
-    for t in range(len(moving) - 1, -1, -1):
-        if moving[t]:
-            stall = t + 1 if t + 1 < len(moving) else None
-            break
-    else:
-        stall = 0
-    return RunForecast(max(rates, default=0.0), sum(moving) / len(moving) if moving else 0.0, stall)
+    rates = beta_at_scales(hist, np.asarray(scales, dtype=np.float64))
+    if not len(rates):
+        return RunForecast(0.0, 0.0, 0)
+    moving = rates > floor
+    last = int(np.flatnonzero(moving)[-1]) if moving.any() else -1
+    stall = 0 if last < 0 else (last + 1 if last + 1 < len(moving) else None)
+    return RunForecast(float(rates.max()), float(moving.mean()), stall)
 
 
-def burst_gain(scales: Sequence[float], burst_steps: int) -> float:
+def burst_gain(scales: Scales, burst_steps: int) -> float:
     """How much further the run carries the burst's drift: sum of lr over the run
     divided by the burst's (K steps at the peak)."""
-    return sum(scales) / burst_steps if burst_steps else 0.0
+    return float(np.sum(scales)) / burst_steps if burst_steps else 0.0
 
 
 @torch.no_grad()
@@ -160,7 +175,7 @@ def forecast_layers(
     start_phi: dict[str, Tensor],
     hists: dict[str, Tensor],
     layer_of: dict[str, str],
-    scales: Sequence[float],
+    scales: Scales,
     burst_steps: int,
     floor: float,
 ) -> dict[str, RunForecast]:
@@ -207,7 +222,7 @@ def forecast_layers(
 
 def weighted_forecast(
     forecasts: dict[str, RunForecast], shares: dict[str, float], hists: dict[str, Tensor],
-    scales: Sequence[float], burst_steps: int, floor: float, stepwise: bool,
+    scales: Scales, burst_steps: int, floor: float, stepwise: bool,
 ) -> RunForecast | None:
     """The model's forecast with layers weighted by their share of the gradient: a setting
     trains when the weights that carry the gradient can move, whatever a small norm does."""

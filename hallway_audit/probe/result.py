@@ -159,6 +159,7 @@ class SettingResult:
     forecast: RunForecast | None = None  # gradient-weighted over the layers
     stall_lr: float | None = None  # the lr at the forecast's stall step
     shadow: tuple[float, float] | None = None  # loss at the master weights, start and end
+    horizon: float = 0.0  # bursts the planned run is worth: its summed lr over the burst's (horizon.burst_gain)
 
     @property
     def id(self) -> str:
@@ -203,11 +204,6 @@ class SettingResult:
             **self.outlook(),
         }
 
-    @property
-    def horizon(self) -> float:
-        """How many bursts the planned run is worth: sum of its lr over the burst's (K at the peak)."""
-        k = len(self.steps)
-        return sum(self.schedule.factors(self.setting.optimizer.lr)) / k if k else 0.0
 
     def outlook(self) -> dict[str, float | int | None]:
         """Progress over the burst and the forecast over the planned run (docs/definitions.md §4.7, §4.8)."""
