@@ -19,6 +19,7 @@ class ExitCode(IntEnum):
     RESOURCES = 6  # out of memory
     MODEL = 7  # the architecture cannot be built or does not match the checkpoint
     DATA = 8  # calibration data or loss unusable: unreadable, wrong shapes, loss not a finite scalar
+    DISTRIBUTED = 9  # under torchrun: the ranks could not meet, or one stopped answering (no progress in time)
     INTERNAL = 70  # a bug in hallway-audit (EX_SOFTWARE); please report it
 
 
@@ -83,3 +84,10 @@ class DataError(HallwayError):
     """Calibration batch or loss unusable for this model."""
 
     exit_code = ExitCode.DATA
+
+
+class DistributedError(HallwayError):
+    """Under torchrun: the processes could not rendezvous, or a rank showed no progress
+    for HALLWAY_AUDIT_DIST_TIMEOUT seconds while the others waited for it."""
+
+    exit_code = ExitCode.DISTRIBUTED
