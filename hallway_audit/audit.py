@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoint import open_checkpoint
+from .distributed.ranked import HandedOver, watch_progress, worker_rank
 from .errors import ExitCode, UsageError
 from .plan import DEFAULT_FORMATS as DEFAULT_FORMATS  # re-exported: hallway_audit.audit's public names
 from .plan import DEFAULT_LR as DEFAULT_LR
@@ -150,8 +151,13 @@ def audit(
     prepared = _prepare_dynamic(checkpoint, dynamic, dev) if dynamic is not None else None
     if prepared is not None:
         check_ranks_fit(prepared.loaded.module, settings)  # a rank no targeted layer can hold: before any burst
+    if worker_rank():  # torchrun: ranks other than 0 probe their share of the sweep, hand it to rank 0 and stop
+        if prepared is not None and dynamic is not None:
+            with cpu_threads(sum(p.numel() for p in prepared.loaded.module.parameters()), dev):
+                _run_dynamic(prepared, dynamic, settings, ruleset, burst_progress)
+        raise HandedOver
     with open_checkpoint(checkpoint) as ckpt:
-        static = run_static(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=progress)
+        static = run_static(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=watch_progress(progress))
         summary = CheckpointSummary(
             path=str(Path(checkpoint)),
             kind=ckpt.kind,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..audit import FAIL_ON, audit
+from ..distributed import ranked_command
 from ..plan import DEFAULT_FORMATS, DEFAULT_LR, DEFAULTS, build_plan
 from ..report.document import as_document
 from ..report.inputs import run_inputs
@@ -109,6 +110,7 @@ def explicit_flags(ctx: click.Context) -> dict[str, object]:
 @click.option("--trust-plan-code", is_flag=True,
               help="Let --plan's model: and loss: import and run the code they name (module:function, file.py:function).")
 @click.pass_context
+@ranked_command  # under torchrun: every rank runs it, rank 0 reports (hallway_audit.distributed)
 def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr, spectral,
                   fail_on, max_rows, device, quiet, calib, val, model_spec, loss_spec, rank, targets, alpha, rslora,
                   sparsity, act_precision, rounding, master_weights, optimizer, steps, samples, p_every, sigma,

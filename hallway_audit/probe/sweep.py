@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import nn
 
+from ..distributed.ranked import gather_results, sweep_share, watch_progress
 from ..model.data import batch_size
 from .burst import BurstOptions, BurstProgress, run_burst, token_count
 from .engine import Batch, LossFn
@@ -58,19 +59,25 @@ def run_sweep(
     params = parameter_universe(module)
     base = param_dict(module)
     device = str(next(iter(base.values())).device)
-    verdict = SharesVerdict()  # one loss for every setting: coupling found once holds for all
     estimate = estimate_sweep(
         settings, params, options, train_examples=batch_size(train),
         val_examples=batch_size(val) if val is not None else 0,
         weight_bytes=sum(t.numel() * t.element_size() for t in base.values()),
     )
+    # Under torchrun this rank probes its share of the settings (all of them in a single
+    # process) and rank 0 gathers every result; its display shows its own share.
+    mine = sweep_share(settings, [s.least.units for s in estimate.settings])
     if progress is not None:
-        progress(estimate)  # the plan, before any pass
+        progress(replace(estimate, settings=tuple(estimate.settings[i] for i in mine)))  # the plan, before any pass
+    watched = watch_progress(progress)
+    # Each setting decides for itself whether the loss splits by example (SharesVerdict):
+    # its numbers are then the same whichever settings ran before it, on whichever rank.
     results = [
-        run_burst(s, module, loss_fn, loss_name, params, base, train, val, options,
-                  _placed(progress, i, len(settings)), verdict)
-        for i, s in enumerate(settings)
+        run_burst(settings[i], module, loss_fn, loss_name, params, base, train, val, options,
+                  _placed(watched, k, len(mine)), SharesVerdict())
+        for k, i in enumerate(mine)
     ]
+    results = gather_results(settings, results)
     return DynamicResult(
         model_source=model_source,
         loss_name=loss_name,
@@ -114,9 +121,14 @@ def slow_path_notes(results: list[SettingResult]) -> list[str]:
 
 
 def resolve_device(spec: str) -> torch.device:
-    """auto -> cuda when present, else cpu; otherwise any torch device string."""
+    """auto -> cuda when present, else cpu; otherwise any torch device string. Under
+    torchrun, cuda (and auto with CUDA) is cuda:LOCAL_RANK: one GPU per process."""
+    from ..distributed.ranked import active
     from ..model.loaded import parse_device
 
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    session = active()
+    if spec == "cuda" and session is not None:
+        spec = f"cuda:{session.local_rank}"
     return parse_device(spec)
