@@ -1,0 +1,471 @@
+"""--jobs: the static audit's units measured by several processes, merged as one.
+
+The plan (plan.py) is cut into tasks of consecutive units of about equal bytes. The
+parent measures tasks itself, so it works while the workers start (a worker
+imports torch: about 2 s, paid once per process through the forkserver), and
+jobs - 1 worker processes take the others: each opens the checkpoint itself,
+reads only its tasks' tensors, and sends back plain counts (worker.py). The
+parent merges them in plan order (partial.Merger): the result is the one --jobs 1
+gives, bit for bit.
+
+Failures come out as with --jobs 1. Each carries where one process would have
+met it (the tensor's index); once one is known, tasks that start beyond it are
+dropped, those before it still run, and the earliest failure is raised: the same
+error line and exit code whatever the split. A worker killed by SIGKILL (what
+the kernel's out-of-memory killer sends) is exit 6; Ctrl-C or SIGTERM in the
+parent ends every worker before the parent exits, and a worker whose parent
+vanished exits by itself (worker.py's lifeline).
+
+Only where it pays: a CPU audit of safetensors files (memory-mapped, so a worker
+opens them in milliseconds) of at least PARALLEL_FROM_MB.
+"""
+
+from __future__ import annotations
+
+import builtins
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Any, Literal
+
+import torch
+
+from .. import errors, interrupt
+from ..checkpoint import Checkpoint
+from ..errors import HallwayError, ResourceError
+from .audit import Cursor, Progress, measure_units
+from .partial import Merger, UnitResult, dumps_plain, loads_plain, unit_from_plain
+from .plan import StaticPlan
+from .result import StaticResult
+
+# Below this a checkpoint is audited in one process: a worker costs about 2 s to start
+# (torch's import in the forkserver) and the parent alone reads ~100-300 MB/s, so smaller
+# checkpoints gain little; measured with bench/static_jobs.py (see its table in bench/README.md).
+PARALLEL_FROM_ENV = "HALLWAY_AUDIT_PARALLEL_FROM_MB"
+PARALLEL_FROM_MB = 256
+MAX_JOBS = 1024
+_READERS = ("safetensors", "safetensors-sharded", "hf")  # reopened by name in the workers
+# Tasks: about TASKS_PER_JOB per process for balance, each between these sizes; a task of
+# many tiny tensors is also cut at MAX_TASK_TENSORS (its reply carries one tally per tensor).
+TASKS_PER_JOB = 4
+MIN_TASK_BYTES, MAX_TASK_BYTES = 64 * 1024, 256 * 1024 * 1024
+MAX_TASK_TENSORS = 2048
+_JOIN_S = 2.0
+
+
+def parallel_from_bytes() -> int:
+    raw = os.environ.get(PARALLEL_FROM_ENV, "").strip()
+    if raw:
+        try:
+            mb = float(raw)
+        except ValueError:
+            raise errors.UsageError(f"{PARALLEL_FROM_ENV}={raw!r} is not a number of MB") from None
+        if not mb >= 0:
+            raise errors.UsageError(f"{PARALLEL_FROM_ENV}={raw!r} must be 0 or more")
+        return int(mb * 1e6)
+    return PARALLEL_FROM_MB * 1_000_000
+
+
+@dataclass
+class Task:
+    tid: int
+    units: list[int]
+    first: int  # the smallest tensor index in it: where its earliest possible failure is
+    nbytes: int
+    state: Literal["pending", "running", "done", "failed", "dropped"] = "pending"
+    done_bytes: int = 0
+
+
+def make_tasks(plan: StaticPlan, jobs: int) -> list[Task]:
+    """Consecutive units in plan order, cut at about total / (jobs x TASKS_PER_JOB) bytes."""
+    target = min(MAX_TASK_BYTES, max(MIN_TASK_BYTES, plan.total_bytes // (jobs * TASKS_PER_JOB)))
+    tasks: list[Task] = []
+    units: list[int] = []
+    nbytes = tensors = 0
+    first = len(plan.infos)
+
+    def cut() -> None:
+        nonlocal units, nbytes, tensors, first
+        tasks.append(Task(len(tasks), units, first, nbytes))
+        units, nbytes, tensors, first = [], 0, 0, len(plan.infos)
+
+    for uid, unit in enumerate(plan.units):
+        units.append(uid)
+        nbytes += sum(plan.infos[i].nbytes for i in unit.members)
+        tensors += len(unit.members)
+        first = min(first, unit.members[0])
+        if nbytes >= target or tensors >= MAX_TASK_TENSORS:
+            cut()
+    if units:
+        cut()
+    return tasks
+
+
+def parallel_jobs(checkpoint: Checkpoint, plan: StaticPlan, jobs: int, device: str | torch.device) -> int:
+    """How many processes to use for `jobs`: 1 (in-process) unless it pays and workers
+    can reopen the checkpoint: a CPU audit, a built-in safetensors reader, at least
+    PARALLEL_FROM_MB, and at least two tasks."""
+    if jobs <= 1 or torch.device(device).type != "cpu":
+        return 1
+    if checkpoint.kind not in _READERS or not type(checkpoint).__module__.startswith("hallway_audit.checkpoint."):
+        return 1
+    if not all(i.source.name.endswith(".safetensors") for i in plan.infos):
+        return 1
+    if multiprocessing.current_process().daemon:  # a daemon process may not start children
+        return 1
+    if plan.total_bytes < parallel_from_bytes():
+        return 1
+    return max(1, min(jobs, len(make_tasks(plan, jobs))))
+
+
+@dataclass
+class WorkerStats:
+    """One worker process's share, for benchmarks and tests (not in the report)."""
+
+    pid: int
+    tasks: int = 0
+    bytes: int = 0
+    start_rss: int = 0  # resident memory once it had opened the checkpoint
+    peak_rss: int = 0  # the most it ever held (ru_maxrss)
+
+
+@dataclass(order=True)
+class _Failure:
+    at: int  # where one process would have met it
+    exc: BaseException = field(compare=False)
+
+
+def _rebuild(kind: str, name: str, code: int, message: str) -> BaseException:
+    """The exception a worker reported, as the parent raises it: the same class for the
+    library's errors and built-in exceptions, so the CLI prints the same line."""
+    if kind == "oom":
+        return ResourceError(message)
+    cls = getattr(errors, name, None) if kind == "hallway" else getattr(builtins, name, None)
+    if kind == "hallway":
+        if not (isinstance(cls, type) and issubclass(cls, HallwayError)):
+            cls = HallwayError
+        exc = cls.__new__(cls)
+        HallwayError.__init__(exc, message)
+        exc.exit_code = errors.ExitCode(code)
+        return exc
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except Exception:  # a built-in class with another signature
+            pass
+    return RuntimeError(f"{name} in a static audit worker: {message}")
+
+
+def _death(pid: int, code: int | None, what: str) -> BaseException:
+    """A worker that ended without a word: killed (SIGKILL: out of memory), stopped, or crashed."""
+    if code is not None and code < 0:
+        sig = -code
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        if sig == signal.SIGKILL:
+            return ResourceError(
+                f"out of memory (host): static audit worker (pid {pid}) was killed by SIGKILL, as the kernel's "
+                f"out-of-memory killer does, while {what}; use fewer --jobs (each worker holds about one tensor) "
+                "or --jobs 1"
+            )
+        if sig == signal.SIGTERM:
+            return interrupt.Terminated()
+        if sig == signal.SIGINT:
+            return KeyboardInterrupt()
+        return RuntimeError(f"static audit worker (pid {pid}) died of {name} while {what}")
+    return RuntimeError(f"static audit worker (pid {pid}) exited with code {code} while {what}")
+
+
+class _Board:
+    """Tasks and failures shared by the parent and the threads that talk to workers."""
+
+    def __init__(self, plan: StaticPlan, tasks: list[Task]) -> None:
+        self.plan = plan
+        self.tasks = tasks
+        self.lock = threading.Lock()
+        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.failure: _Failure | None = None
+        self.stopping = False
+        self._next = 0
+
+    def needed(self, task: Task) -> bool:
+        return self.failure is None or task.first < self.failure.at
+
+    def take(self) -> Task | None:
+        with self.lock:
+            while self._next < len(self.tasks):
+                task = self.tasks[self._next]
+                self._next += 1
+                if self.stopping:
+                    return None
+                if self.needed(task):
+                    task.state = "running"
+                    return task
+                task.state = "dropped"
+            return None
+
+    def fail(self, task: Task | None, at: int, exc: BaseException) -> None:
+        with self.lock:
+            if task is not None:
+                task.state = "failed"
+            if self.failure is None or at < self.failure.at:
+                self.failure = _Failure(at, exc)
+
+    def finished(self) -> bool:
+        with self.lock:
+            return all(t.state in ("done", "failed", "dropped") or not self.needed(t) for t in self.tasks)
+
+    def where(self, task: Task | None) -> str:
+        if task is None:
+            return "starting"
+        members = [i for u in task.units for i in self.plan.units[u].members]
+        first, last = self.plan.infos[min(members)].name, self.plan.infos[max(members)].name
+        return f"measuring tensors {first!r} to {last!r}" if first != last else f"measuring tensor {first!r}"
+
+
+class _Slot:
+    """One worker process and the parent's thread that feeds it tasks."""
+
+    def __init__(self, ctx: Any, board: _Board, setup: tuple[Any, ...]) -> None:
+        self.board = board
+        self.setup = setup
+        self.conn, child = ctx.Pipe()
+        life_r, self.life_w = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_serve, args=(child, life_r), daemon=True, name="hallway-audit-static")
+        self._child_ends = (child, life_r)
+        self.lock = threading.Lock()
+        self.started = self.cancelled = False
+        self.stats: WorkerStats | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="hallway-audit-static-feed")
+
+    def _recv(self) -> tuple[Any, ...]:
+        return loads_plain(self.conn.recv_bytes())
+
+    def _run(self) -> None:
+        task: Task | None = None
+        try:
+            try:
+                self.proc.start()
+            except Exception as exc:
+                self.board.events.put(("start_failed", exc))
+                return
+            finally:
+                for end in self._child_ends:
+                    end.close()
+            with self.lock:
+                self.started = True
+                if self.cancelled:  # the audit ended while this worker was starting
+                    self.proc.terminate()
+                    return
+            self.conn.send_bytes(dumps_plain(("setup", *self.setup)))
+            msg = self._recv()
+            if msg[0] == "error":
+                self.board.events.put(("error", None, *msg[2:]))
+                return
+            self.stats = WorkerStats(pid=int(msg[1]), start_rss=int(msg[2]))
+            while (task := self.board.take()) is not None:
+                self.conn.send_bytes(dumps_plain(("task", task.tid, task.units)))
+                while (msg := self._recv())[0] == "progress":
+                    self.board.events.put(msg)
+                if msg[0] == "done":
+                    _, tid, units, peak = msg
+                    self.stats.tasks += 1
+                    self.stats.bytes += task.nbytes
+                    self.stats.peak_rss = int(peak)
+                    self.board.events.put(("done", tid, [unit_from_plain(u) for u in units]))
+                else:
+                    self.board.events.put(msg)
+                task = None
+            self.conn.send_bytes(dumps_plain(("stop",)))
+        except (EOFError, OSError):
+            if self.board.stopping:
+                return
+            self.proc.join(_JOIN_S)
+            self.board.events.put(("died", task.tid if task else None, self.proc.pid, self.proc.exitcode))
+        except Exception as exc:  # a bug here: said once, by the parent, as an internal error
+            if not self.board.stopping:
+                self.board.events.put(("crashed", exc))
+
+    def stop(self) -> None:
+        """End the worker now (idempotent); the feeding thread then sees end of file."""
+        with self.lock:
+            self.cancelled = True
+            started = self.started
+        self.life_w.close()
+        if started and self.proc.is_alive():
+            self.proc.terminate()
+
+    def reap(self) -> None:
+        with self.lock:
+            started = self.started
+        if started:
+            self.proc.join(_JOIN_S)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(_JOIN_S)
+        self.thread.join(0.1 if not started else _JOIN_S)
+        self.conn.close()
+
+
+def _serve(conn: Connection, lifeline: Connection) -> None:
+    from .worker import serve
+
+    serve(conn, lifeline)
+
+
+def _context() -> Any:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        # torch is imported once, in the server; each worker is then a fork of a process
+        # that never ran torch code (no threads), ready in milliseconds
+        ctx.set_forkserver_preload(["hallway_audit.static.worker"])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class _Run:
+    def __init__(self, checkpoint: Checkpoint, plan: StaticPlan, lr: float, tasks: list[Task],
+                 device: str | torch.device, progress: Progress | None, threads: int) -> None:
+        self.threads = threads  # one process's torch threads: the SVDs of --spectral run on as many
+        self.checkpoint, self.plan, self.lr, self.device, self.progress = checkpoint, plan, lr, device, progress
+        self.board = _Board(plan, tasks)
+        self.merger = Merger(plan, lr)
+        self.total = plan.total_bytes
+        self.done_bytes = 0  # of finished tasks
+        self.name = ""
+
+    def report(self) -> None:
+        if self.progress is not None:
+            running = sum(t.done_bytes for t in self.board.tasks if t.state == "running")
+            self.progress(min(self.done_bytes + running, self.total), self.total, self.name)
+
+    def pump(self, wait: float = 0.0) -> None:
+        """Handle what the workers said: results into the merge, failures, progress."""
+        try:
+            event = self.board.events.get(timeout=wait) if wait else self.board.events.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(event)
+            try:
+                event = self.board.events.get_nowait()
+            except queue.Empty:
+                break
+        self.report()
+
+    def _handle(self, event: tuple[Any, ...]) -> None:
+        kind = event[0]
+        task = self.board.tasks[event[1]] if kind in ("progress", "done", "error", "died") and event[1] is not None else None
+        if kind == "progress":
+            assert task is not None
+            task.done_bytes, self.name = int(event[2]), str(event[3])
+        elif kind == "done":
+            assert task is not None
+            self.finish(task, event[2])
+        elif kind == "error":
+            _, _, at, fkind, name, code, message = event
+            self.board.fail(task, int(at), _rebuild(fkind, name, int(code), message))
+        elif kind == "died":
+            _, _, pid, code = event
+            self.board.fail(task, task.first if task else -1, _death(pid, code, self.board.where(task)))
+        elif kind == "start_failed":
+            self.board.fail(None, -1, ResourceError(
+                f"cannot start static audit worker processes ({type(event[1]).__name__}: {event[1]}); use --jobs 1"))
+        elif kind == "crashed":
+            self.board.fail(None, -1, event[1])
+
+    def finish(self, task: Task, results: list[UnitResult]) -> None:
+        with self.board.lock:
+            task.state = "done"
+        self.done_bytes += task.nbytes
+        for result in results:
+            self.merger.add(result)
+
+    def run_here(self, task: Task) -> None:
+        """Measure one task in this process, handling the workers' news between tensors."""
+        cursor = Cursor()
+
+        class Dropped(Exception):
+            pass
+
+        def on_tensor(i: int) -> None:
+            self.pump()
+            if not self.board.needed(task):
+                raise Dropped
+            self.name = self.plan.infos[i].name
+            self.report()
+            task.done_bytes += self.plan.infos[i].nbytes
+
+        try:
+            results = list(measure_units(self.checkpoint, self.plan, task.units, self.lr, device=self.device,
+                                         on_tensor=on_tensor, cursor=cursor, spectral_threads=self.threads))
+        except Dropped:
+            with self.board.lock:
+                task.state = "dropped"
+            return
+        except Exception as exc:  # raised as it is once it proves the earliest
+            self.board.fail(task, cursor.at, exc)
+            return
+        self.finish(task, results)
+
+
+def run_parallel(
+    checkpoint: Checkpoint,
+    plan: StaticPlan,
+    lr: float,
+    *,
+    jobs: int,
+    device: str | torch.device = "cpu",
+    progress: Progress | None = None,
+    parent_measures: bool = True,
+    stats: Callable[[list[WorkerStats]], None] | None = None,
+) -> StaticResult:
+    """The static audit of `plan` in `jobs` processes: this one and jobs - 1 workers
+    (`parent_measures=False`: `jobs` workers, this process only merging)."""
+    start = time.perf_counter()
+    tasks = make_tasks(plan, jobs)
+    threads = torch.get_num_threads()
+    run = _Run(checkpoint, plan, lr, tasks, device, progress, threads)
+    n_workers = max(1, min(jobs - 1 if parent_measures else jobs, len(tasks)))
+    each = max(1, threads // jobs)
+    env = {k: v for k, v in os.environ.items() if k.startswith("HALLWAY_AUDIT_")}
+    setup = (os.getcwd(), env, os.fspath(checkpoint.path), checkpoint.kind, list(plan.formats), lr, plan.spectral,
+             str(device), each, threads, plan.fingerprint())
+    ctx = _context()
+    slots = [_Slot(ctx, run.board, setup) for _ in range(n_workers)]
+    torch.set_num_threads(each)
+    try:
+        for slot in slots:
+            slot.thread.start()
+        while not run.board.finished():
+            alone = not any(slot.thread.is_alive() for slot in slots)  # every worker has ended
+            task = run.board.take() if parent_measures or alone else None
+            if task is not None:
+                run.run_here(task)
+            else:
+                run.pump(wait=0.05)
+        run.pump()
+        if run.board.failure is not None:
+            raise run.board.failure.exc
+        result = run.merger.result(time.perf_counter() - start)
+    finally:
+        with run.board.lock:
+            run.board.stopping = True
+        for slot in slots:
+            slot.stop()
+        for slot in slots:
+            slot.reap()
+        torch.set_num_threads(threads)
+    if stats is not None:
+        stats([s.stats for s in slots if s.stats is not None])
+    if progress is not None:
+        progress(run.total, run.total, "")
+    return result
