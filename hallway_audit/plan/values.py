@@ -35,6 +35,7 @@ MAX_SIGMA = 1e6  # proposal noise a million times its signal is pure noise; past
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes an int64
 MAX_RANK = 1 << 20  # the model then bounds it: no rank above min(in, out) of a targeted layer
 MAX_TEXT_CHARS = 4096  # paths, specs, device names
+MAX_JOBS = 1024  # --jobs: static audit processes
 MAX_RANK_PATTERN_ENTRIES = 4096
 
 MAX_TRAIN_STEPS = 10**7  # the forecast's horizon: more than any fine-tuning run (its lr is an array this long)
@@ -277,6 +278,7 @@ KEYS: dict[str, Key] = {
     "fail_on": Key(_checker(choice, allowed=FAIL_ON), False),
     "device": Key(_checker(text, what="a device name (auto, cpu, cuda, cuda:N)"), False),
     "spectral": Key(boolean, False),
+    "jobs": Key(_checker(integer, lo=1, hi=MAX_JOBS), False),
     "calib": Key(_checker(text, what="a calibration file path"), False),
     # the dynamic audit only
     "val": Key(_checker(text, what="a held-out batch file path"), True),
