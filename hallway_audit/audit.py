@@ -23,7 +23,7 @@ from .recommend import Recommendation, recommend
 from .rules import FAIL_ON as FAIL_ON
 from .rules import Outcome, RuleSet, evaluate, load_rules, severity_rank
 from .rules.loader import rule_resolution_notes
-from .static import StaticResult, run_static
+from .static import StaticResult, available_cpus, run_static
 from .static.audit import Progress
 from .subjects import dynamic_subjects, rounds_stored, static_subjects
 from .threads import cpu_threads
@@ -121,6 +121,7 @@ def audit(
     spectral: bool | None = None,
     fail_on: str | None = None,
     device: str | torch.device | None = None,
+    jobs: int | None = None,
     progress: Progress | None = None,
     dynamic: DynamicPlan | None = None,
     burst_progress: BurstProgress | None = None,
@@ -130,7 +131,8 @@ def audit(
     `plan` is an AuditPlan from `build_plan` (the CLI's merge of flags, plan YAML
     and PEFT config); keyword arguments given override it. Without a plan the
     defaults are rules=("default.yaml",) (() for none), formats=("bf16",
-    "fp8_e4m3"), lr=1e-4, spectral=False, fail_on="error", device="cpu". Every
+    "fp8_e4m3"), lr=1e-4, spectral=False, fail_on="error", device="cpu", jobs=the
+    CPUs available (static audit processes; the result is the same for any). Every
     value is checked as the CLI's are. Static figures always; with a DynamicPlan
     (a calibration batch, and an architecture from a Hugging Face directory or a
     --model factory) also probe bursts of every setting of the sweep, and a
@@ -139,7 +141,7 @@ def audit(
     plan = resolve_plan(
         plan,
         {"rules": rules, "formats": formats, "lr": lr, "spectral": spectral, "fail_on": fail_on, "device": device,
-         "dynamic": dynamic},
+         "dynamic": dynamic, "jobs": jobs},
         base=lambda: AuditPlan(device="cpu"),
     )
     dynamic, formats, lr, fail_on = plan.dynamic, plan.formats, plan.lr, plan.fail_on
@@ -157,7 +159,8 @@ def audit(
                 _run_dynamic(prepared, dynamic, settings, ruleset, burst_progress)
         raise HandedOver
     with open_checkpoint(checkpoint) as ckpt:
-        static = run_static(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=watch_progress(progress))
+        static = run_static(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=watch_progress(progress),
+                            jobs=plan.jobs if plan.jobs is not None else available_cpus())
         summary = CheckpointSummary(
             path=str(Path(checkpoint)),
             kind=ckpt.kind,

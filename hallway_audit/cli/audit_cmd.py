@@ -9,6 +9,8 @@ from ..distributed import ranked_command
 from ..plan import DEFAULT_FORMATS, DEFAULT_LR, DEFAULTS, build_plan
 from ..report.document import as_document
 from ..report.inputs import run_inputs
+from ..static.audit import available_cpus
+from ..static.parallel import PARALLEL_FROM_ENV, PARALLEL_FROM_MB
 from .app import cli
 from .outputs import emit, output_options, prepare_outputs
 from .progress import run_progress
@@ -28,7 +30,7 @@ _PLAN_PARAMS = {
     "p_every": "p_every", "sigma": "sigma", "micro_batch": "micro_batch", "eval_batch": "eval_batch",
     "seed": "seed", "per_layer_p": "per_layer_p", "no_early_stop": "no_early_stop", "max_length": "max_length",
     "train_steps": "train_steps", "schedule": "schedule", "warmup": "warmup", "lr_min": "lr_min",
-    "lora_base": "lora_base", "quantize": "quantize", "adapter_precision": "adapter_precision",
+    "lora_base": "lora_base", "quantize": "quantize", "adapter_precision": "adapter_precision", "jobs": "jobs",
 }
 _COMMA_LISTS = ("precision", "lr", "rank", "sparsity", "act_precision", "rounding", "master_weights", "optimizer")
 
@@ -59,6 +61,10 @@ def explicit_flags(ctx: click.Context) -> dict[str, object]:
 @click.option("--lr", "lr", multiple=True, metavar="LRS",
               help=f"Learning rates, comma-separated; the static audit uses the first. [default: {DEFAULT_LR:g}]")
 @click.option("--spectral", is_flag=True, help="Also compute stable and effective rank of each weight matrix (slower).")
+@click.option("--jobs", "jobs", type=int, metavar="N",
+              help=f"Processes for the static audit; the report is the same for any N. A CPU audit of safetensors "
+                   f"under {PARALLEL_FROM_MB} MB runs in one process (starting a worker costs about 2 s; set "
+                   f"{PARALLEL_FROM_ENV} to change). [default: the CPUs available, {available_cpus()} here]")
 @output_options
 @click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
               help="Lowest severity that fails the gate (exit 1).")
@@ -111,7 +117,7 @@ def explicit_flags(ctx: click.Context) -> dict[str, object]:
               help="Let --plan's model: and loss: import and run the code they name (module:function, file.py:function).")
 @click.pass_context
 @ranked_command  # under torchrun: every rank runs it, rank 0 reports (hallway_audit.distributed)
-def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr, spectral,
+def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr, spectral, jobs,
                   fail_on, max_rows, device, quiet, calib, val, model_spec, loss_spec, rank, targets, alpha, rslora,
                   sparsity, act_precision, rounding, master_weights, optimizer, steps, samples, p_every, sigma,
                   micro_batch, eval_batch, seed, per_layer_p, no_early_stop, max_length, train_steps, schedule, warmup,

@@ -85,6 +85,7 @@ class AuditPlan:
     fail_on: str = "error"
     device: str = "auto"
     dynamic: DynamicPlan | None = None
+    jobs: int | None = None  # static audit processes; None: the CPUs available (static.available_cpus)
 
 
 @dataclass
@@ -295,6 +296,7 @@ def _assemble(values: Mapping[str, object], where: Mapping[str, str]) -> AuditPl
         formats=tuple(formats),
         lr=float(lrs[0]),
         spectral=bool(values.get("spectral", False)),
+        jobs=values.get("jobs"),  # type: ignore[arg-type]
         fail_on=str(_get(values, "fail_on")),
         device=str(_get(values, "device")),
         dynamic=dynamic,
@@ -374,6 +376,8 @@ def check_plan(plan: AuditPlan, names: Mapping[str, str] | None = None) -> None:
     check_value("precision", list(plan.formats) if isinstance(plan.formats, tuple) else plan.formats, name("formats"))
     check_value("lr", plan.lr, name("lr"))
     check_value("spectral", plan.spectral, name("spectral"))
+    if plan.jobs is not None:
+        check_value("jobs", plan.jobs, name("jobs"))
     check_value("fail_on", plan.fail_on, name("fail_on"))
     if isinstance(plan.device, str):
         check_value("device", plan.device, name("device"))
