@@ -88,10 +88,13 @@ _METRICS: tuple[Metric, ...] = (
     Metric("grad_share", _L, "dynamic", "the layer's share of the squared gradient over what the setting trains"),
     Metric("beta_run", _LM, "dynamic", "fraction of weights forecast to change cell at least once within the planned run (model: gradient-weighted)"),
     Metric("run_moving", _LM, "dynamic", "fraction of the planned run's steps at which the weights still cross cells"),
-    Metric("stall_step", _LM, "dynamic", "the step of the planned run from which the weights stop moving (train_steps: they move to the end)"),
+    Metric("run_realized", _LM, "dynamic", "fraction of the run's lr budget the lattice turns into movement, relative to the peak lr's (1 unless nearest rounding without master weights loses decayed steps)"),
+    Metric("horizon", _M, "dynamic", "bursts the planned run is worth: its realized lr budget over the burst's, with LoRA's growth"),
+    Metric("lora_kappa", _M, "dynamic", "LoRA's growth of the per-step loss drop as both adapter factors move (drop ~ a t + b t^2, kappa = b/a)"),
+    Metric("stall_step", _LM, "dynamic", "the step of the planned run from which each step realizes less than half of what it would at the peak lr (train_steps: never)"),
     Metric("stall_lr", _M, "dynamic", "the scheduled lr at stall_step (the final lr when they move to the end)"),
     Metric("train_steps", _M, "dynamic", "length of the planned run the forecast looks ahead to"),
-    Metric("score", _M, "dynamic", "predicted relative loss drop over the planned run: the burst's drop compounded over the run's moving steps (ranks settings; the gate's floor)"),
+    Metric("score", _M, "dynamic", "predicted relative loss drop over the planned run: the burst's drop compounded over the run's horizon (ranks settings; the gate's floor)"),
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in _METRICS}

@@ -87,7 +87,8 @@ def scores(doc: dict[str, Any], setting_id: str | None = None) -> dict[str, floa
     m = s.get("model", {})
     out = {k: _num(m.get(k)) for k in ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "beta", "beta_min",
                                        "beta_eff", "beta_eff_elem", "beta_proposed", "p_t_uniform", "beta_run",
-                                       "run_moving", "progress", "progress_lo", "progress_val", "score")}
+                                       "run_moving", "run_realized", "stall_step", "horizon", "lora_kappa",
+                                       "progress", "progress_lo", "progress_val", "score")}
     l0, l1 = _num(m.get("initial_loss")), _num(m.get("loss"))
     v0, v1 = _num(m.get("initial_val_loss")), _num(m.get("val_loss"))
     out["burst_drop"] = (l0 - l1) / l0 if l0 else math.nan
@@ -144,6 +145,8 @@ def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 8, sam
         result["passed"] = bool(doc["gate"]["passed"])
         result["reason"] = doc["gate"].get("reason")
         result["scores"] = scores(doc)
+        result["warned"] = sorted({f"{f['rule']}:{f['severity']}" for f in doc.get("findings", [])
+                                   if f.get("severity") == "warning"})
         result["fired"] = sorted({f"{f['rule']}:{f['severity']}" for f in doc.get("findings", [])
                                   if f.get("severity") == "error"})
         result["rank_findings"] = [

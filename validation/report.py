@@ -137,6 +137,59 @@ def analyse(subject: Any, settings: list[Setting], truth: dict[str, list[RunResu
            "classifiers": classifiers, "recommendations": recs, "costs": costs}
     if subject.meta.get("planted_layers"):
         out["planted"] = planted_check(subject.meta, settings, audits)
+    stalls = decay_stalls(settings, truth, audits, trials)
+    if stalls:
+        out["decay_stalls"] = stalls
+    return out
+
+
+#: a 10-step interval of a run without master weights "stalls" when it drops the loss by less
+#: than this fraction of what its fp32-master twin drops in the same interval
+STALL_RATIO = 0.5
+
+
+def truth_stall_step(nomaster: list[RunResult], master: list[RunResult]) -> int | None:
+    """The first evaluation step from which every later interval of the no-master runs (mean
+    over seeds) drops the held-out loss by less than STALL_RATIO of the master twin's drop."""
+    def drops(runs: list[RunResult]) -> list[tuple[int, float]]:
+        steps = [s for s, _ in runs[0].heldout]
+        mean = [statistics.fmean(r.heldout[i][1] for r in runs) for i in range(len(steps))]
+        return [(steps[i], mean[i] - mean[i + 1]) for i in range(len(steps) - 1)]
+
+    a, b = drops(nomaster), drops(master)
+    stall = None
+    for (step, d_nm), (_, d_m) in zip(reversed(a), reversed(b), strict=True):
+        if d_m > 0 and d_nm < STALL_RATIO * d_m:
+            stall = step
+        else:
+            break
+    return stall
+
+
+def decay_stalls(settings: list[Setting], truth: dict[str, list[RunResult]], audits: dict[str, dict[str, Any]],
+                 trials: dict[str, RunResult]) -> list[dict[str, Any]]:
+    """Decaying schedules without master weights (nearest rounding) next to their fp32-master
+    twins: where the real run stops improving, where the audit says it will, and what an
+    8-step trial shows (the ratio of the two runs' progress: ~1, it cannot see the decay)."""
+    out = []
+    for s in settings:
+        if s.schedule == "constant" or s.master != "none" or s.rounding != "nearest" or s.rank:
+            continue
+        twin = next((t for t in settings if t.master == "fp32" and t.precision == s.precision and t.lr == s.lr
+                     and t.schedule == s.schedule and t.rank == s.rank and t.lr_min == s.lr_min), None)
+        if twin is None:
+            continue
+        a = audits.get(s.id, {}).get("scores", {})
+        t_nm, t_m = trials.get(s.id), trials.get(twin.id)
+        trial8 = (t_nm.progress(8) / t_m.progress(8)) if t_nm and t_m and t_m.progress(8) > 0 else None
+        runs = truth[s.id]
+        out.append({"setting": s.id, "twin": twin.id, "truth_stall_step": truth_stall_step(runs, truth[twin.id]),
+                    "steps": runs[0].steps, "audit_stall_step": a.get("stall_step"),
+                    "audit_run_realized": a.get("run_realized"),
+                    "audit_warns": any(f.startswith("run-stalls-in-decay") for f in audits.get(s.id, {}).get("warned", [])),
+                    "trial8_ratio": trial8,
+                    "progress": statistics.fmean(r.progress() for r in runs),
+                    "twin_progress": statistics.fmean(r.progress() for r in truth[twin.id])})
     return out
 
 
@@ -244,6 +297,17 @@ def markdown(doc: dict[str, Any]) -> str:
         errs = [r for r in s["rows"] if r["audit_error"]]
         if errs:
             lines += ["", "Audit errors: " + "; ".join(f"`{r['id']}`: {r['audit_error']}" for r in errs)]
+        if s.get("decay_stalls"):
+            lines += ["", "Decay stalls (nearest rounding without master weights vs the fp32-master twin; truth: the "
+                      f"first step from which every 10-step interval drops the loss by < {STALL_RATIO:.0%} of the twin's):", ""]
+            body = [[f"`{d['setting']}`", f"{_f(d['progress'])} vs {_f(d['twin_progress'])}",
+                     str(d["truth_stall_step"]) if d["truth_stall_step"] is not None else "none",
+                     _f(d["audit_stall_step"], 0) if d["audit_stall_step"] is not None else "-",
+                     _f(d["audit_run_realized"], 2) if d["audit_run_realized"] is not None else "-",
+                     "yes" if d["audit_warns"] else "no",
+                     _f(d["trial8_ratio"], 2) if d["trial8_ratio"] is not None else "-"] for d in s["decay_stalls"]]
+            lines += _table(["setting", "progress vs twin", "truth stall step", "audit stall_step", "audit run_realized",
+                             "run-stalls-in-decay", "trial 8: progress / twin's"], body)
         if s.get("planted"):
             lines += ["", f"Planted change: rank {s['meta']['planted_rank']} in {', '.join(s['meta']['planted_layers'])}.", ""]
             body = [[f"`{p['setting']}`", str(p["flagged"]), ", ".join(p["planted_flagged"]) or "-", str(p["others_flagged"]),

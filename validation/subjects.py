@@ -136,6 +136,8 @@ def _schedule_grid() -> list[Setting]:
         S("bf16", 0, lr=1e-3, master="none", rounding="stochastic", **cos),
         S("bf16", 0, lr=1e-3, master="fp32", **cos),
         S("fp32", 0, lr=1e-3, **cos),
+        S("bf16", 0, lr=3e-4, master="none", **cos),
+        S("bf16", 0, lr=3e-4, master="fp32", **cos),
         S("bf16", 0, lr=1e-4, master="none", **cos),
         S("bf16", 0, lr=1e-4, master="fp32", **cos),
         S("fp32", 0, lr=1e-4, **cos),

@@ -29,7 +29,7 @@ from .crossing import ActivationCells, activation_changes, cell_changes, crossin
 from .engine import Batch, LossEvaluator, LossFn
 from .estimate import pt_states as measured_states
 from .events import BurstEvent, BurstProgress, Part
-from .horizon import Schedule, burst_gain, forecast_layers, weighted_forecast
+from .horizon import Schedule, effective_horizon, forecast_layers, lora_kappa, weighted_forecast
 from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_values
 from .pt import Direction, StateGradients, measure_pt, split_gradient
 from .realize import Realization
@@ -302,6 +302,9 @@ def run_burst(
         # p_t at the first state reuses its losses and split gradient (the surrogate
         # only reads the trainable parameters' part of it)
         first = StateGradients(initial_loss, initial_val, {k: g_full[k] for k in real.trainable}, shares, no_shares) if 0 in p_states else None
+        # LoRA's growth (lora_kappa) needs the start gradient of the adapted weights at the end of the
+        # burst: kept off the accelerator (host memory) so the burst's device peak does not grow
+        g_lora = {n: g_full[n].to("cpu") for n in real.lora}
         del g_full, shares
         steps: list[StepRecord] = []
         layer_norms: dict[str, list[float]] = {layer: [] for layer in layers}
@@ -405,6 +408,8 @@ def run_burst(
     forecasts = forecast_layers(real, start_stored, start_phi, hists, layer_of, scales, options.steps, options.beta_floor)
     for layer, f in forecasts.items():
         layers[layer].forecast = f
+    # LoRA's drop grows as both factors move (B starts at 0): from the start gradient and the burst's steps
+    kappa = lora_kappa(g_lora, real.lora, start_phi, real.phi, options.steps) if real.lora else 0.0
     stepwise = real.master == "none" and real.rounding == "nearest" and real.quantizes
     model_forecast = weighted_forecast(forecasts, {k: d.grad_share or 0.0 for k, d in layers.items()}, hists, scales,
                                        options.steps, options.beta_floor, stepwise)
@@ -426,6 +431,7 @@ def run_burst(
         stall_lr=float(setting.optimizer.lr * scales[min(model_forecast.stall_step, len(scales) - 1)]
                        if model_forecast is not None and model_forecast.stall_step is not None
                        else setting.optimizer.lr * scales[-1]),
-        horizon=burst_gain(scales, options.steps),
+        horizon=effective_horizon(scales, options.steps, model_forecast.run_realized if model_forecast else 1.0, kappa),
+        kappa=kappa,
         shadow=(shadow_start, shadow_end) if shadow_start is not None and shadow_end is not None else None,
     )

@@ -148,18 +148,111 @@ class RunForecast:
     beta_run: float  # fraction of its weights that change cell at least once in the run
     run_moving: float  # fraction of the run's steps at which more than beta_floor of them cross
     stall_step: int | None  # the first step from which it no longer moves (None: it moves to the end)
+    # the run's lr budget the lattice turns into movement, relative to the peak's (1: all of it)
+    run_realized: float = 1.0
+
+
+# A step whose realized update is less than this fraction of what the same step realizes at
+# the peak lr (relative to its size) counts as stalled: from there on, rounding eats most of it.
+STALL_EFFICIENCY = 0.5
+
+
+def _log_uniform_above(lo: float, hi: float, threshold: np.ndarray) -> np.ndarray:
+    """P(x >= threshold) for x log-uniform on [lo, hi)."""
+    with np.errstate(divide="ignore"):
+        return np.clip(np.log(hi / threshold) / math.log(hi / lo), 0.0, 1.0)
+
+
+def rounding_efficiency(hist: Sequence[float], scales: Scales) -> np.ndarray:
+    """eta(s): the fraction of the optimizer's intended step that nearest rounding realizes
+    when every step is s times the histogram's (|delta| / ULP, log-uniform within a bin):
+    E[round(r s)] / E[r s], with round(x) = floor(x + 1/2) ULPs moved on the lattice.
+
+    A step below half a ULP realizes nothing, one of 0.7 ULP realizes a whole ULP: the
+    ratio is what the stored weights actually travel per unit of intended travel."""
+    s = np.asarray(scales, dtype=np.float64)
+    total = float(sum(hist))
+    out = np.zeros(len(s))
+    if total <= 0 or not len(s):
+        return out
+    # a long run repeats few distinct scales at the resolution that matters: evaluate on a
+    # log grid and interpolate (eta varies smoothly in log s)
+    positive = s[s > 0]
+    if not len(positive):
+        return out
+    grid = np.geomspace(positive.min(), positive.max(), 257) if positive.min() < positive.max() else positive[:1]
+    real = np.zeros(len(grid))
+    ideal = np.zeros(len(grid))
+    for count, lo, hi in zip(hist, _LOWS, _HIGHS, strict=True):
+        if not count:
+            continue
+        # E[floor(x + 1/2)] = sum_k P(x >= k - 1/2) for x = r s >= 0
+        top = math.ceil(hi * float(grid.max()) + 0.5)
+        ks = np.arange(1, top + 1, dtype=np.float64) - 0.5
+        real += count * _log_uniform_above(lo, hi, ks[None, :] / grid[:, None]).sum(axis=1)
+        ideal += count * grid * (hi - lo) / math.log(hi / lo)
+    eta_grid = np.where(ideal > 0, real / np.where(ideal > 0, ideal, 1.0), 0.0)
+    if len(grid) == 1:
+        out[s > 0] = eta_grid[0]
+        return out
+    out[s > 0] = np.interp(np.log(s[s > 0]), np.log(grid), eta_grid)
+    return out
 
 
 def forecast_by_steps(hist: Sequence[float], scales: Scales, floor: float) -> RunForecast:
     """Nearest rounding, no master weights: a weight moves only at steps whose proposal
-    exceeds half a ULP, so each step's crossing rate is the shifted histogram."""
-    rates = beta_at_scales(hist, np.asarray(scales, dtype=np.float64))
+    exceeds half a ULP, so each step's crossing rate is the shifted histogram; the run
+    stalls from the step after which every step realizes less than STALL_EFFICIENCY of
+    what it would at the peak lr's efficiency."""
+    f = np.asarray(scales, dtype=np.float64)
+    rates = beta_at_scales(hist, f)
     if not len(rates):
-        return RunForecast(0.0, 0.0, 0)
+        return RunForecast(0.0, 0.0, 0, 0.0)
     moving = rates > floor
-    last = int(np.flatnonzero(moving)[-1]) if moving.any() else -1
-    stall = 0 if last < 0 else (last + 1 if last + 1 < len(moving) else None)
-    return RunForecast(float(rates.max()), float(moving.mean()), stall)
+    eta = rounding_efficiency(hist, np.concatenate([[1.0], f]))
+    peak, eta = eta[0], eta[1:]
+    relative = eta / peak if peak > 0 else np.zeros(len(f))
+    budget = float(f.sum())
+    realized = float((f * relative).sum() / budget) if budget > 0 else 0.0
+    working = np.flatnonzero(relative >= STALL_EFFICIENCY)
+    last = int(working[-1]) if len(working) else -1
+    stall = 0 if last < 0 else (last + 1 if last + 1 < len(f) else None)
+    return RunForecast(float(rates.max()), float(moving.mean()), stall, min(realized, 1.0))
+
+
+@torch.no_grad()
+def lora_kappa(g_full: dict[str, Tensor], lora: dict[str, tuple[float, int]], start_phi: dict[str, Tensor],
+               end_phi: dict[str, Tensor], burst_steps: int) -> float:
+    """LoRA's loss drop grows with time: W = W0 + s B A starts at B = 0, and once both
+    factors move the change s (B0 + t dB)(A0 + t dA) has a t^2 term. To first order the
+    drop after t steps is a t + b t^2 with a = -s <G, dB A0 + B0 dA>, b = -s <G, dB dA>
+    (G the gradient at the start, dA, dB the burst's mean step); returns kappa = b / a
+    summed over the adapted layers (0 when the burst shows no such growth)."""
+    a = b = 0.0
+    k = max(burst_steps, 1)
+    for name, (scale, _) in lora.items():
+        g = g_full.get(name)
+        keys = (name + "::A", name + "::B")
+        if g is None or any(key not in start_phi or key not in end_phi for key in keys):
+            continue
+        gd = g.double()
+        a0, b0 = (start_phi[key].to(gd.device, torch.float64) for key in keys)
+        da = (end_phi[keys[0]].to(gd.device, torch.float64) - a0) / k
+        db = (end_phi[keys[1]].to(gd.device, torch.float64) - b0) / k
+        a += -scale * float((gd * (db @ a0 + b0 @ da)).sum())
+        b += -scale * float((gd * (db @ da)).sum())
+    return b / a if a > 0 and b > 0 else 0.0
+
+
+def effective_horizon(scales: Scales, burst_steps: int, realized: float = 1.0, kappa: float = 0.0) -> float:
+    """How many bursts' worth of loss drop the run is: tau = (sum of the run's lr, times the
+    fraction the lattice realizes) / peak lr, in peak-lr steps; the drop grows as
+    tau + kappa tau^2 (kappa: LoRA's growth, lora_kappa), the burst's as K + kappa K^2."""
+    k = float(burst_steps)
+    if k <= 0:
+        return 0.0
+    tau = float(np.sum(scales)) * realized
+    return (tau + kappa * tau * tau) / (k + kappa * k * k)
 
 
 def burst_gain(scales: Scales, burst_steps: int) -> float:
@@ -242,4 +335,4 @@ def weighted_forecast(
             for i, c in enumerate(counts):
                 mixed[i] += weight[layer] / total * c / n
     by_steps = forecast_by_steps(mixed, scales, floor)
-    return RunForecast(beta_run, by_steps.run_moving, by_steps.stall_step)
+    return RunForecast(beta_run, by_steps.run_moving, by_steps.stall_step, by_steps.run_realized)

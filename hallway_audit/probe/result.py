@@ -44,11 +44,11 @@ def score(progress: float | None, master: float | None, forecast: RunForecast | 
 
     The burst's relative drop p over K steps (or, where the forward rounds fp32 master
     weights, the drop at the master weights times beta_run: what the master drift turns
-    into once it crosses cells) is compounded as a per-step rate over the run's moving
-    steps: 1 - (1 - p) ** (horizon * run_moving), where horizon = (sum of the run's lr)
-    / (K * peak lr). A rising loss (p <= 0) is returned as is. It is a ranking and a
-    floor, not a forecast of the final loss: early LoRA steps (B = 0) and late
-    saturation both bend the real curve away from a constant rate."""
+    into once it crosses cells) is compounded over the run: 1 - (1 - p) ** horizon, where
+    horizon is the number of bursts the run is worth (horizon.effective_horizon: its lr
+    budget, less what nearest rounding eats at decayed lrs, with LoRA's growth). A rising
+    loss (p <= 0) is returned as is. It ranks settings and is the gate's floor, not a
+    forecast of the final loss: real training saturates."""
     if progress is None:
         return None
     potential = progress
@@ -56,8 +56,7 @@ def score(progress: float | None, master: float | None, forecast: RunForecast | 
         potential = max(progress, master * forecast.beta_run)
     if potential <= 0:
         return potential
-    moving = forecast.run_moving if forecast is not None else 1.0
-    return 1.0 - (1.0 - min(potential, 0.999)) ** (horizon * moving)
+    return 1.0 - (1.0 - min(potential, 0.999)) ** horizon
 
 
 def _mean(xs: Sequence[float | None]) -> float | None:
@@ -119,6 +118,7 @@ class LayerDynamics:
             "grad_share": self.grad_share,
             "beta_run": self.forecast.beta_run if self.forecast and moves else None,
             "run_moving": self.forecast.run_moving if self.forecast and moves else None,
+            "run_realized": self.forecast.run_realized if self.forecast and moves else None,
             "stall_step": self.forecast.stall_step if self.forecast and moves else None,  # None: moves to the end
         }
         if realized is not None:
@@ -159,7 +159,8 @@ class SettingResult:
     forecast: RunForecast | None = None  # gradient-weighted over the layers
     stall_lr: float | None = None  # the lr at the forecast's stall step
     shadow: tuple[float, float] | None = None  # loss at the master weights, start and end
-    horizon: float = 0.0  # bursts the planned run is worth: its summed lr over the burst's (horizon.burst_gain)
+    horizon: float = 0.0  # bursts the planned run is worth (horizon.effective_horizon)
+    kappa: float = 0.0  # LoRA's growth of the per-step drop (horizon.lora_kappa); 0 for other settings
 
     @property
     def id(self) -> str:
@@ -222,6 +223,9 @@ class SettingResult:
             "progress_master": shadow,
             "beta_run": f.beta_run if f else None,
             "run_moving": f.run_moving if f else None,
+            "run_realized": f.run_realized if f else None,
+            "horizon": self.horizon,
+            "lora_kappa": self.kappa if self.setting.subspace.kind == "lora" else None,
             "stall_step": (f.stall_step if f.stall_step is not None else self.schedule.steps) if f else None,
             "stall_lr": self.stall_lr,
             "train_steps": self.schedule.steps,
