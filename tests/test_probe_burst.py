@@ -321,6 +321,29 @@ def test_linear_loss_uniform_moves_descend_half_the_time_optimizer_moves_always(
     assert m["loss_delta"] < 0
 
 
+def test_p_t_descent_is_the_relative_drop_of_each_move(linear_loss_model):
+    """Beside p_t's sign, its magnitude: on L = C.W + 100 an SGD move u = -R C / |C| drops the
+    loss by exactly R |C|, so every move's relative drop is R |C| / L at its state."""
+    model, _ = linear_loss_model
+    g = gen(21)
+    cmat = torch.randn(24, 32, generator=g)  # the fixture's C: same seed, drawn first
+
+    def loss(module, batch):
+        return (module.weight * cmat).sum() + 100.0
+
+    w0 = model.weight.detach().clone()
+    (result,) = sweep(model, [setting("fp32", opt="sgd", lr=1e-3)], loss, dummy_batch(), steps=1, samples=16,
+                      sigma=0.0, early_stop=False)
+    norm = float(cmat.norm())
+    bases = [float((w0 * cmat).sum()) + 100.0, float(((w0 - 1e-3 * cmat) * cmat).sum()) + 100.0]
+    expected = [state.radius * norm / base for state, base in zip(result.pt, bases, strict=True)]
+    for state, e in zip(result.pt, expected, strict=True):
+        assert state.descent == pytest.approx([e] * 16, rel=1e-4)
+    m = result.model_metrics()
+    assert m["p_t_descent"] == pytest.approx(sum(expected) / 2, rel=1e-4)
+    assert m["p_t_descent_lo"] <= m["p_t_descent"] <= m["p_t_descent_hi"]
+
+
 def test_early_stop_stops_once_the_interval_excludes_half(linear_loss_model):
     model, loss = linear_loss_model
     (result,) = sweep(model, [setting("fp32", lr=1e-3)], loss, dummy_batch(), steps=1, samples=200, sigma=0.0)

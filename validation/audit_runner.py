@@ -85,7 +85,7 @@ def scores(doc: dict[str, Any], setting_id: str | None = None) -> dict[str, floa
     if not s:
         return {}
     m = s.get("model", {})
-    out = {k: _num(m.get(k)) for k in ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "beta", "beta_min",
+    out = {k: _num(m.get(k)) for k in ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "p_t_descent", "beta", "beta_min",
                                        "beta_eff", "beta_eff_elem", "beta_proposed", "p_t_uniform", "beta_run",
                                        "run_moving", "run_realized", "stall_step", "horizon", "lora_kappa",
                                        "progress", "progress_lo", "progress_val", "score")}

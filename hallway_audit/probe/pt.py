@@ -81,6 +81,9 @@ class PtAtState:
     surrogate: dict[str, Rate] = field(default_factory=dict)  # per layer: g^T u < 0
     realized_layer: dict[str, Rate] = field(default_factory=dict)  # per layer, with --per-layer-p
     psi_val: float | None = None
+    # (L_base - L_move) / L_base of each optimizer move (blocked: 0): how much a move descends,
+    # beside whether it does (p_t is a sign test: 1e-9 counts like 1)
+    descent: list[float] = field(default_factory=list)
     g_b: str = "direct"  # "example shares" when g_b came from per-example shares
     g_b_reason: str | None = None  # why g_b took the direct path (None with shares)
 
@@ -225,15 +228,20 @@ def measure_pt(
     layers = sorted({layer_of[k] for k in real.trainable})
     out.surrogate = {layer: Rate() for layer in layers}
 
-    def trial(u: Direction, rate: Rate, val_rate: Rate | None) -> bool:
+    def trial(u: Direction, rate: Rate, val_rate: Rate | None, descent: list[float] | None = None) -> bool:
         moved_w = {k: stored[k] + u[k] for k in real.trainable}
         moved = real.realized(moved_w, real.move_rounding)
         if is_blocked(real, moved, now):
             rate.add(False)
             if val_rate is not None:
                 val_rate.add(False)
+            if descent is not None:
+                descent.append(0.0)
             return True
-        rate.add(evaluator.loss(moved, evaluation, f"for a p_t move at step {step}") < base)
+        loss = evaluator.loss(moved, evaluation, f"for a p_t move at step {step}")
+        rate.add(loss < base)
+        if descent is not None and base > 0:
+            descent.append((base - loss) / base)
         if val_rate is not None and val is not None and base_val is not None:
             val_rate.add(evaluator.loss(moved, val, f"for a p_t move at step {step}") < base_val)
         return False
@@ -249,7 +257,7 @@ def measure_pt(
         for layer in layers:
             dot = sum(float(torch.dot(g_full[k].reshape(-1), u[k].reshape(-1))) for k in real.trainable if layer_of[k] == layer)
             out.surrogate[layer].add(dot < 0)
-        out.blocked += trial(u, out.optimizer, out.val)
+        out.blocked += trial(u, out.optimizer, out.val, out.descent)
         if progress is not None:
             progress("optimizer", n, 0, 0)
         if done(out.optimizer):

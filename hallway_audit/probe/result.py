@@ -59,6 +59,19 @@ def score(progress: float | None, master: float | None, forecast: RunForecast | 
     return 1.0 - (1.0 - min(potential, 0.999)) ** horizon
 
 
+def _descent(drops: Sequence[float]) -> dict[str, float | None]:
+    """p_t_descent: the mean relative loss drop of p_t's optimizer moves, with a 95% normal
+    interval (1.96 standard errors; needs 2 moves)."""
+    if not drops:
+        return {"p_t_descent": None, "p_t_descent_lo": None, "p_t_descent_hi": None}
+    n = len(drops)
+    mean = sum(drops) / n
+    if n < 2:
+        return {"p_t_descent": mean, "p_t_descent_lo": None, "p_t_descent_hi": None}
+    half = 1.96 * math.sqrt(sum((d - mean) ** 2 for d in drops) / (n - 1) / n)
+    return {"p_t_descent": mean, "p_t_descent_lo": mean - half, "p_t_descent_hi": mean + half}
+
+
 def _mean(xs: Sequence[float | None]) -> float | None:
     vals = [x for x in xs if x is not None and not math.isnan(x)]
     return sum(vals) / len(vals) if vals else None
@@ -193,6 +206,7 @@ class SettingResult:
             "p_t_uniform_lo": ulo,
             "p_t_uniform_hi": uhi,
             "p_t_val": val.p,
+            **_descent([d for state in self.pt for d in state.descent]),
             "blocked": _ratio(blocked, opt.n),
             "beta": _mean(betas),
             "beta_min": min(betas) if betas else None,
