@@ -13,6 +13,7 @@ import torch
 from .checkpoint import open_checkpoint
 from .distributed.ranked import HandedOver, watch_progress, worker_rank
 from .errors import ExitCode, UsageError
+from .memory import check_memory, sweep_memory
 from .plan import DEFAULT_FORMATS as DEFAULT_FORMATS  # re-exported: hallway_audit.audit's public names
 from .plan import DEFAULT_LR as DEFAULT_LR
 from .plan import AuditPlan, DynamicPlan, resolve_plan
@@ -153,6 +154,8 @@ def audit(
     prepared = _prepare_dynamic(checkpoint, dynamic, dev) if dynamic is not None else None
     if prepared is not None:
         check_ranks_fit(prepared.loaded.module, settings)  # a rank no targeted layer can hold: before any burst
+        assert dynamic is not None
+        check_memory(sweep_memory(prepared.loaded.module, settings, dynamic.burst, prepared.train, prepared.val))
     if worker_rank():  # torchrun: ranks other than 0 probe their share of the sweep, hand it to rank 0 and stop
         if prepared is not None and dynamic is not None:
             with cpu_threads(sum(p.numel() for p in prepared.loaded.module.parameters()), dev):

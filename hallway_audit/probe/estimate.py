@@ -24,6 +24,7 @@ from .pt import FIRST_CHECK
 from .targets import ParamInfo, select_targets
 
 if TYPE_CHECKING:
+    from ..memory import MemoryEstimate
     from .burst import BurstOptions
     from .settings import Setting
 
@@ -190,6 +191,7 @@ class SweepEstimate:
     gradient_bytes: int  # dL/dW of every weight (psi needs all of them)
     trainable_bytes: int  # the largest setting's phi plus its optimizer states, in float32
     sizes: BatchSizes
+    memory: MemoryEstimate | None = None  # what each device holds for the largest setting (hallway_audit.memory)
 
     @property
     def total(self) -> Passes:
@@ -304,10 +306,12 @@ def estimate_sweep(
     train_examples: int,
     val_examples: int,
     weight_bytes: int | None = None,
+    memory: MemoryEstimate | None = None,
 ) -> SweepEstimate:
     """The planned passes of every setting of a sweep, and its memory for weights,
     gradients and the optimizer. `params` is parameter_universe(module);
-    `weight_bytes` defaults to float32 weights."""
+    `weight_bytes` defaults to float32 weights; `memory` is the per-device model
+    (hallway_audit.memory.sweep_memory), carried to the plan line and the report."""
     sizes = BatchSizes.of(train_examples, val_examples, options)
     per_setting = tuple(estimate_setting(s, params, options, sizes) for s in settings)
     n = sum(_numel(p.shape) for p in params)
@@ -320,4 +324,5 @@ def estimate_sweep(
         gradient_bytes=wbytes,
         trainable_bytes=largest * FLOAT32,
         sizes=sizes,
+        memory=memory,
     )

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..distributed.ranked import gather_results, sweep_share, watch_progress
+from ..memory import sweep_memory
 from ..model.data import batch_size
 from .burst import BurstOptions, BurstProgress, run_burst, token_count
 from .engine import Batch, LossFn
@@ -63,6 +64,7 @@ def run_sweep(
         settings, params, options, train_examples=batch_size(train),
         val_examples=batch_size(val) if val is not None else 0,
         weight_bytes=sum(t.numel() * t.element_size() for t in base.values()),
+        memory=sweep_memory(module, settings, options, train, val),
     )
     # Under torchrun this rank probes its share of the settings (all of them in a single
     # process) and rank 0 gathers every result; its display shows its own share.

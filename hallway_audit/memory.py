@@ -1,0 +1,559 @@
+"""What the dynamic audit will hold in memory, per device, before it runs, and the refusal
+(exit 6, with the figures) when a device cannot hold it.
+
+The model follows what a burst keeps alive (probe/burst.py, probe/pt.py, probe/realize.py),
+setting by setting (settings run one after another, so a sweep needs its largest setting),
+parameter by parameter (so a device map splits it by where each weight lives):
+
+* weights: the module's parameters and buffers in the dtype they are held in (float32:
+  every LoadedModel is float32); disk-offloaded weights are memory-mapped, so they cost no
+  memory here ("disk");
+* gradients: dL/dW of every weight in float32 (psi and psi_rank read all of them), up to
+  ALL_GRADIENTS of them at once (a step's, still referenced while p_t runs; p_t's split
+  gradient; its held-out gradient), and TRAINED_GRADIENTS of the trained weights (a p_t
+  sample's g_b; the first state's split gradient, kept through the burst);
+* optimizer states: AdamW keeps 2 float32 numbers per trained number (exp_avg,
+  exp_avg_sq), SGD with momentum 1;
+* trainable: phi (LoRA adapters, or every parameter for full and sparse fine-tuning) in
+  float32 -- the fp32 master copy; with master_weights none phi lives on its lattice but is
+  still stored in float32 -- plus its snapshots (the burst's start, its end, one per p_t
+  state), sparse masks (1 byte per target element) and LoRA's per-example adapter
+  gradients (one phi per training example: p_t's optimizer proposals);
+* copies: the rounded copy a weight format makes of every frozen weight it applies to (the
+  frozen Q(W0)) and two of every trained one (the realized weights of a step and of a p_t
+  move), WORKING_COPIES W-space copies of the trained weights (stored, proposed and next
+  weights of a step, the burst's start; p_t's stored weights, signal, noise, direction,
+  move and moved weights), and AdamW's preconditioner (one number per trained number) in p_t;
+* activations: the largest forward with autograd (the whole training split's gradient,
+  one pass) or without (the evaluation batch), from the model's linear layers (below).
+
+Activations. Autograd saves the input of every linear layer and of the elementwise ops
+between them (norms, activation functions, residuals, rotary embeddings); measured with
+torch.autograd.graph.saved_tensors_hooks (storages counted once) on three Llama configs
+built from transformers configs (hidden 32/256/384, intermediate 64/688/1024, 2/4/8 layers,
+vocab 128/8000/16000; sdpa attention, which saves no T x T scores), the saved bytes were
+1.08-1.13 x 4 x tokens x sum over nn.Linear of (in_features + out_features) -- a steadier
+unit than layers x hidden, whose factor ranged 21-29 over the same configs. The loss adds a
+transient of the logits and their log-softmax: the peak of a forward and backward, measured
+with torch.profiler's memory events (profile_memory=True, every CPU allocation), exceeded
+saved activations + gradients by 1.5-2.1 x 4 x tokens x vocab, and a forward without
+autograd peaked at 2.0-2.5 x 4 x tokens x vocab. SAVED_PER_LINEAR and LOGITS are those
+measurements rounded up; `peak_allocated` is the measurement, for recalibration.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ResourceError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .probe.burst import BurstOptions
+    from .probe.settings import Setting
+
+# The memory each device holds for the audit, overriding what is measured (the free memory
+# of a CUDA device, the available memory of the host): "24GiB", "512MB", "1048576".
+DEVICE_MEMORY_ENV = "HALLWAY_AUDIT_DEVICE_MEMORY"
+
+FLOAT32 = 4
+SAVED_PER_LINEAR = 1.15  # saved activations per token, x 4 bytes x sum of linear (in + out): measured 1.08-1.13
+LOGITS = 2.5  # logits and log-softmax per token, x 4 bytes x the widest linear output: measured 1.5-2.5
+# Gradients alive at once while p_t samples: of every weight, and of the trained weights.
+ALL_GRADIENTS = 3
+TRAINED_GRADIENTS = 1
+# W-space copies of the trained weights alive at once beyond the gradients: fitted to
+# peak_allocated over whole sweeps (2 steps, p_t at 2 states x 8 samples, 12 x 32 tokens) of a
+# Llama of 7.3M parameters (hidden 256, 4 layers, vocab 8000): 8.6 copies for full fine-tuning,
+# 8.9 for LoRA r8 (fp32 and bf16 alike); on one of 24.9M (hidden 384, 8 layers, vocab 16000)
+# LoRA r8 in bf16 needed 10. Rounded up; bench/memory_model.py prints estimate / peak, and
+# tests/test_memory.py keeps a tiny Llama's between 1.0 and its TOLERANCE.
+WORKING_COPIES = 11
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)")
+MAX_SIZE = 1 << 60  # an exbibyte: anything larger is a typo
+
+
+def parse_size(text: object, where: str) -> int:
+    """'20GiB', '512MB', '1.5 GB', '1048576' (bytes) -> bytes; a UsageError naming `where` otherwise."""
+    expected = "a size such as 20GiB, 512MB or 1048576 (bytes)"
+    if isinstance(text, bool) or not isinstance(text, (str, int)):
+        raise UsageError(f"{where}: expected {expected}, got {text!r}")
+    match = _SIZE.fullmatch(str(text).strip())
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise UsageError(f"{where}: expected {expected}, got {str(text)[:60]!r}")
+    value = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(value) or value < 1 or value > MAX_SIZE:
+        raise UsageError(f"{where}: expected {expected} between 1 byte and 1 EiB, got {str(text)[:60]!r}")
+    return int(value)
+
+
+def gib(n: float) -> str:
+    """Bytes as the memory lines show them: '3.2 GiB', '120.0 MiB', '512 bytes'."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+# --- what a burst holds --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Need:
+    """Bytes one device holds for one setting, by what they are."""
+
+    weights: int = 0
+    gradients: int = 0
+    optimizer_states: int = 0
+    trainable: int = 0
+    copies: int = 0
+    activations: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def __add__(self, other: Need) -> Need:
+        return Need(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def as_dict(self) -> dict[str, int]:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "total": self.total}
+
+    def parts(self, optimizer: str = "optimizer") -> str:
+        """'weights 1.2 GiB, gradients 2.4 GiB, AdamW states ...' (zero parts left out)."""
+        names = {"weights": "weights", "gradients": "gradients", "optimizer_states": f"{optimizer} states",
+                 "trainable": "trained parameters and snapshots", "copies": "rounded and working copies",
+                 "activations": "activations"}
+        return ", ".join(f"{names[f.name]} {gib(getattr(self, f.name))}" for f in fields(self) if getattr(self, f.name))
+
+
+@dataclass(frozen=True)
+class SettingNeed:
+    """One setting's need on every device it touches ('disk' holds offloaded weights only)."""
+
+    setting: str
+    optimizer: str  # 'AdamW', 'SGD': how the line names its states
+    full_size: bool  # trains every parameter (full fine-tuning, sparse masks): phi is model-sized
+    devices: dict[str, Need]
+
+    def total(self) -> int:
+        """Bytes in memory (disk-offloaded weights are not memory)."""
+        return sum(n.total for d, n in self.devices.items() if d != "disk")
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """What a forward's activations scale with: tokens per example, the sum of every linear
+    layer's (in + out) features, and the widest linear output (the logits of an LM head)."""
+
+    tokens_per_example: int
+    linear_width: int
+    head_width: int
+
+    @classmethod
+    def of(cls, module: nn.Module, tokens_per_example: int) -> ActivationShape:
+        from torch import nn
+
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        width = sum(m.in_features + m.out_features for m in linears)
+        head = max((m.out_features for m in linears), default=0)
+        if not linears:  # no linear layer to count: every parameter's size, a coarse stand-in
+            width = sum(p.numel() for p in module.parameters()) // max(1, sum(1 for _ in module.parameters()))
+        return cls(max(1, tokens_per_example), width, head)
+
+    def with_grad(self, examples: int) -> int:
+        """Peak bytes of a forward and backward over `examples`, beyond the gradients."""
+        tokens = examples * self.tokens_per_example
+        return int(FLOAT32 * tokens * (SAVED_PER_LINEAR * self.linear_width + LOGITS * self.head_width))
+
+    def without_grad(self, examples: int) -> int:
+        """Peak bytes of a forward under no_grad over `examples`."""
+        tokens = examples * self.tokens_per_example
+        return int(FLOAT32 * tokens * (LOGITS * self.head_width + 2 * max(self.head_width, 1)))
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """The sweep's need per setting and device; a sweep needs its largest setting on each device."""
+
+    settings: tuple[SettingNeed, ...]
+    shape: ActivationShape
+    device_map: bool = False  # weights placed by a device map (--device-map)
+    notes: tuple[str, ...] = ()
+
+    def devices(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for s in self.settings:
+            for d in s.devices:
+                seen.setdefault(d, None)
+        return sorted(seen, key=_device_order)
+
+    def largest(self, device: str) -> SettingNeed | None:
+        """The setting that needs the most on `device`."""
+        candidates = [s for s in self.settings if device in s.devices]
+        return max(candidates, key=lambda s: s.devices[device].total, default=None)
+
+    def need(self, device: str) -> Need:
+        s = self.largest(device)
+        return s.devices[device] if s is not None else Need()
+
+    @property
+    def total(self) -> int:
+        """Bytes in memory on every device together for the largest setting."""
+        return max((s.total() for s in self.settings), default=0)
+
+    def to_dict(self) -> dict[str, object]:
+        """For the report's dynamic section: bytes, deterministic (no free-memory figures)."""
+        return {
+            "total_bytes": self.total,
+            "devices": {d: {**self.need(d).as_dict(), "setting": getattr(self.largest(d), "setting", None)}
+                        for d in self.devices()},
+            "settings": {s.setting: s.total() for s in self.settings},
+            "activation_shape": {"tokens_per_example": self.shape.tokens_per_example,
+                                 "linear_width": self.shape.linear_width, "head_width": self.shape.head_width},
+            "model": f"hallway_audit.memory: saved activations {SAVED_PER_LINEAR} x sum(linear in+out), logits "
+                     f"{LOGITS} x widest output, {WORKING_COPIES} working copies of the trained weights",
+        }
+
+
+def _device_order(device: str) -> tuple[int, str]:
+    return ({"cpu": 1, "disk": 2}.get(device.split(":")[0], 0), device)
+
+
+# --- the estimate ----------------------------------------------------------------------------------
+
+
+def param_places(module: nn.Module) -> dict[str, tuple[str, str]]:
+    """Float parameter name -> (where its weight is stored, where its tensors are computed):
+    the tensor's device, or 'disk' (computed on cpu) when the module's device map
+    (hf_device_map, set by --device-map loading) offloads its module to disk."""
+    device_map: Mapping[str, object] = getattr(module, "hf_device_map", None) or {}
+    out: dict[str, tuple[str, str]] = {}
+    for name, p in module.named_parameters():
+        if not p.dtype.is_floating_point:
+            continue
+        where = str(p.device)
+        if device_map and _mapped(device_map, name) == "disk":
+            out[name] = ("disk", "cpu")
+        else:
+            out[name] = (where, where)
+    return out
+
+
+def _mapped(device_map: Mapping[str, object], name: str) -> object:
+    parts = name.split(".")
+    for i in range(len(parts), -1, -1):
+        key = ".".join(parts[:i])
+        if key in device_map:
+            return device_map[key]
+    return None
+
+
+def _buffers(module: nn.Module) -> dict[str, int]:
+    """Bytes of buffers per device (RoPE tables, norms' running statistics)."""
+    out: dict[str, int] = {}
+    for b in module.buffers():
+        out[str(b.device)] = out.get(str(b.device), 0) + b.numel() * b.element_size()
+    return out
+
+
+def estimate_memory(
+    module: nn.Module,
+    settings: Sequence[Setting],
+    options: BurstOptions,
+    *,
+    train_examples: int,
+    val_examples: int,
+    tokens_per_example: int,
+) -> MemoryEstimate:
+    """Every setting's need per device, before any burst (see the module docstring)."""
+    from .lattice import get_format
+    from .probe.estimate import pt_states
+    from .probe.targets import parameter_universe, select_targets
+
+    params = parameter_universe(module)
+    places = param_places(module)
+    tensors = dict(module.named_parameters())
+    buffers = _buffers(module)
+    shape = ActivationShape.of(module, tokens_per_example)
+    states = len(pt_states(options.steps, options.p_every))
+    eval_examples = min(options.eval_batch, train_examples)
+    grad_examples = max(train_examples, min(options.eval_batch, val_examples), min(options.micro_batch, train_examples))
+    activation_total = max(shape.with_grad(grad_examples), shape.without_grad(eval_examples))
+    compute_bytes: dict[str, int] = {}
+    for p in params:
+        cd = places[p.name][1]
+        compute_bytes[cd] = compute_bytes.get(cd, 0) + _numel(p.shape)
+    all_numel = max(1, sum(compute_bytes.values()))
+
+    out = []
+    for setting in settings:
+        sub, prec, opt = setting.subspace, setting.precision, setting.optimizer
+        fmt_rounds = get_format(prec.weights).name != "fp32"
+        cast_all = prec.applies_to_all()
+        targets = {p.name for p in select_targets(list(params), sub.targets)} if sub.kind in ("lora", "sparse") else set()
+        per_state = 2 if opt.kind == "adamw" else (1 if opt.momentum else 0)
+        devices: dict[str, dict[str, int]] = {}
+
+        def add(device: str, part: str, n: int, devices: dict[str, dict[str, int]] = devices) -> None:
+            slot = devices.setdefault(device, {})
+            slot[part] = slot.get(part, 0) + int(n)
+
+        for p in params:
+            stored, cd = places[p.name]
+            n = _numel(p.shape)
+            t = tensors[p.name]
+            add(stored, "weights", n * t.element_size())
+            lora = sub.kind == "lora" and p.name in targets
+            trained_w = sub.kind != "lora" or lora  # trained in W space: every weight, or a LoRA target
+            if sub.kind == "lora":
+                phi = min(sub.rank_for(p.layer), *p.shape) * (p.shape[0] + p.shape[1]) if lora else 0
+            else:
+                phi = n
+            add(cd, "gradients", FLOAT32 * n * (ALL_GRADIENTS + (TRAINED_GRADIENTS if trained_w else 0)))
+            add(cd, "optimizer_states", FLOAT32 * per_state * phi)
+            trainable = FLOAT32 * phi * (3 + states)
+            if sub.kind == "sparse" and p.name in targets:
+                trainable += n  # the bool mask
+            if lora:
+                trainable += FLOAT32 * phi * train_examples  # per-example adapter gradients
+            add(cd, "trainable", trainable)
+            rounds = fmt_rounds and (cast_all or p.linear)
+            copies = FLOAT32 * phi if opt.kind == "adamw" else 0  # p_t's preconditioner
+            if rounds and (sub.kind == "lora" or not trained_w):
+                copies += FLOAT32 * n  # the frozen base rounded once: Q(W0)
+            if rounds and trained_w and sub.kind != "lora":
+                copies += 2 * FLOAT32 * n  # the realized weights of a step and of a p_t move
+            if trained_w:
+                copies += FLOAT32 * n * WORKING_COPIES
+            add(cd, "copies", copies)
+        for device, nbytes in buffers.items():
+            add(device, "weights", nbytes)
+        for device, n in compute_bytes.items():  # activations where the layers run, by their share
+            add(device, "activations", activation_total * n // all_numel)
+        label = "AdamW" if opt.kind == "adamw" else "SGD momentum"
+        out.append(SettingNeed(
+            setting=setting.id, optimizer=label, full_size=sub.kind != "lora",
+            devices={d: Need(**v) for d, v in sorted(devices.items(), key=lambda kv: _device_order(kv[0]))},
+        ))
+    return MemoryEstimate(tuple(out), shape, device_map=bool(getattr(module, "hf_device_map", None)))
+
+
+def _numel(shape: Iterable[int]) -> int:
+    return math.prod(shape)
+
+
+def tokens_per_example(batch: Mapping[str, torch.Tensor]) -> int:
+    """Positions a forward runs per example: the length of every token-id tensor together
+    (padding included: the forward computes it), else of a 2-D+ `inputs`; 1 otherwise."""
+    from .model.data import token_keys
+
+    keys = token_keys(batch)
+    if keys:
+        return max(1, sum(int(batch[k].shape[1]) if batch[k].dim() > 1 else 1 for k in keys))
+    inputs = batch.get("inputs")
+    if inputs is not None and inputs.dim() > 2:  # [N, T, features]
+        return int(inputs.shape[1])
+    return 1
+
+
+def sweep_memory(
+    module: nn.Module,
+    settings: Sequence[Setting],
+    options: BurstOptions,
+    train: Mapping[str, torch.Tensor],
+    val: Mapping[str, torch.Tensor] | None,
+) -> MemoryEstimate:
+    """estimate_memory for the batches a sweep runs on."""
+    from .model.data import batch_size
+
+    return estimate_memory(
+        module, settings, options, train_examples=batch_size(train),
+        val_examples=batch_size(val) if val is not None else 0, tokens_per_example=tokens_per_example(train),
+    )
+
+
+# --- what a device can hold ------------------------------------------------------------------------
+
+
+def _cgroup_available() -> tuple[int, str] | None:
+    """Bytes the process's memory cgroup still allows (limit - usage + inactive file cache),
+    or None when there is no limit or it cannot be read (cgroup v2, then v1)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    root = Path("/sys/fs/cgroup")
+    candidates: list[tuple[Path, str, str, str]] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        rel = path.lstrip("/")
+        if controllers == "":  # v2
+            candidates.extend((base, "memory.max", "memory.current", "inactive_file") for base in (root / rel, root))
+        elif "memory" in controllers.split(","):  # v1
+            candidates.extend((base, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+                              for base in (root / "memory" / rel, root / "memory"))
+    for base, limit_file, usage_file, inactive_key in candidates:
+        try:
+            raw = (base / limit_file).read_text().strip()
+            usage = int((base / usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:
+            return None  # no limit where the process lives
+        inactive = 0
+        try:
+            for line in (base / "memory.stat").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == inactive_key:
+                    inactive = int(value)
+        except (OSError, ValueError):
+            pass
+        return max(0, int(raw) - usage + inactive), "left under this process's memory cgroup limit"
+    return None
+
+
+def host_available() -> tuple[int, str]:
+    """The host memory the audit may still use: psutil's available, or less where a memory
+    cgroup (a container's limit) allows less."""
+    import psutil
+
+    free, source = int(psutil.virtual_memory().available), "available on this host"
+    cgroup = _cgroup_available()
+    if cgroup is not None and cgroup[0] < free:
+        return cgroup
+    return free, source
+
+
+def device_override(env: Mapping[str, str] | None = None) -> int | None:
+    raw = (env if env is not None else os.environ).get(DEVICE_MEMORY_ENV, "").strip()
+    return parse_size(raw, DEVICE_MEMORY_ENV) if raw else None
+
+
+def capacity(device: str, held: int) -> tuple[int, str]:
+    """(bytes `device` can hold for the audit, how that was found). `held`: bytes of the
+    audit already on it (the loaded weights), which a free-memory figure no longer counts."""
+    override = device_override()
+    if override is not None:
+        return override, f"{DEVICE_MEMORY_ENV}={os.environ[DEVICE_MEMORY_ENV].strip()}"
+    from . import limits
+
+    if os.environ.get(limits.MEMORY_ENV, "").strip():
+        free, source = limits.available_memory(device)
+        return free, source
+    if device.startswith("cuda"):
+        free, source = limits.available_memory(device)
+    else:
+        free, source = host_available()
+    return free + held, f"{gib(free)} {source} + {gib(held)} of weights already loaded"
+
+
+# --- the refusal -----------------------------------------------------------------------------------
+
+
+def check_memory(estimate: MemoryEstimate, hint: str = "") -> None:
+    """Refuse (exit 6, one line with the figures) when a device cannot hold the largest
+    setting; full fine-tuning under a device map gets the bytes it would need."""
+    for device in estimate.devices():
+        if device == "disk":
+            continue
+        setting = estimate.largest(device)
+        if setting is None:
+            continue
+        need = setting.devices[device]
+        can, source = capacity(device, estimate.need(device).weights)
+        if need.total <= can:
+            continue
+        if estimate.device_map and setting.full_size:
+            raise ResourceError(full_size_message(estimate, setting, device, can, source))
+        raise ResourceError(
+            f"setting {setting.setting} needs ~{gib(need.total)} on {device} ({need.parts(setting.optimizer)}) "
+            f"but {device} can hold {gib(can)} ({source}); try {hint or suggestion(estimate, setting)}"
+        )
+
+
+def suggestion(estimate: MemoryEstimate, setting: SettingNeed) -> str:
+    tips = []
+    need = _sum(setting.devices.values())
+    if need.activations > need.total // 4:
+        tips.append("a smaller calibration batch (fewer examples or a lower --max-length) or --eval-batch")
+    if setting.full_size:
+        tips.append("a LoRA setting (--rank 16)")
+    if not estimate.device_map:
+        tips.append("--device-map auto with --max-memory (e.g. cpu=64GiB,disk) for LoRA settings")
+    tips.append(f"another device, or {DEVICE_MEMORY_ENV} if the free-memory figure is wrong")
+    return ", ".join(tips)
+
+
+def full_size_message(estimate: MemoryEstimate, setting: SettingNeed, device: str, can: int, source: str) -> str:
+    """What full fine-tuning would need in memory, in bytes: parameters, gradients, optimizer states."""
+    total = _sum(setting.devices.values())
+    params = sum(n.weights for n in setting.devices.values())
+    return (
+        f"setting {setting.setting} trains every parameter, which a device map cannot offload: it needs "
+        f"{total.total - total.weights + params:,} bytes in memory (parameters {params:,} bytes, gradients "
+        f"{total.gradients:,} bytes, {setting.optimizer} states {total.optimizer_states:,} bytes, trained "
+        f"copies, snapshots and activations {total.trainable + total.copies + total.activations:,} bytes), "
+        f"{setting.devices[device].total:,} of them on {device}, which can hold {can:,} bytes ({source}); "
+        "audit a LoRA setting (--rank 16) instead"
+    )
+
+
+def _sum(needs: Iterable[Need]) -> Need:
+    out = Need()
+    for n in needs:
+        out = out + n
+    return out
+
+
+# --- measuring, for calibration ---------------------------------------------------------------------
+
+
+@dataclass
+class Peak:
+    """Bytes allocated by torch at the peak of a call, beyond what was allocated before it."""
+
+    bytes: int = 0
+    events: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def peak_allocated(fn: Callable[[], object], device: torch.device | str = "cpu") -> Peak:
+    """The peak of torch's allocations while `fn` runs: torch.cuda.max_memory_allocated on
+    CUDA, torch.profiler's memory events (every CPU allocation and free) on the CPU."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return Peak(torch.cuda.max_memory_allocated(dev) - before)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    current = best = 0
+    for _, nbytes in events:
+        current += nbytes
+        best = max(best, current)
+    return Peak(best, len(events))
