@@ -463,6 +463,24 @@ def capacity(device: str, held: int) -> tuple[int, str]:
     return free + held, f"{gib(free)} {source} + {gib(held)} of weights already loaded"
 
 
+def memory_lines(estimate: MemoryEstimate) -> list[str]:
+    """The plan's memory line per device: the largest setting's need, its parts, and what the
+    device can hold ('disk': the offloaded weights)."""
+    lines = []
+    for device in estimate.devices():
+        setting = estimate.largest(device)
+        if setting is None:
+            continue
+        need = setting.devices[device]
+        if device == "disk":
+            lines.append(f"memory: {gib(need.weights)} of weights offloaded to disk (memory-mapped)")
+            continue
+        can, source = capacity(device, need.weights)
+        lines.append(f"memory: up to ~{gib(need.total)} on {device} for {setting.setting} "
+                     f"({need.parts(setting.optimizer)}); {device} can hold {gib(can)} ({source})")
+    return lines
+
+
 # --- the refusal -----------------------------------------------------------------------------------
 
 

@@ -20,6 +20,7 @@ from rich.console import Console, RenderableType
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.text import Text
 
+from ..memory import memory_lines
 from ..probe.estimate import SweepEstimate
 from ..probe.events import BurstEvent, BurstProgress, ProgressEvent
 from ..static.audit import Progress as StaticProgress
@@ -66,14 +67,18 @@ def plan_lines(estimate: SweepEstimate, checkpoint_bytes: int | None) -> list[st
     ckpt = f"checkpoint {size(checkpoint_bytes)}, " if checkpoint_bytes is not None else ""
     total = estimate.total
     n = len(estimate.settings)
+    cost = (f"cost: at most {total.forwards:,} forwards and {total.backwards:,} backwards "
+            f"({total.units:,} example-passes, a backward counted as 2)")
+    if estimate.memory is None:  # a caller's estimate without the per-device model
+        cost += (f"; memory: weights {size(estimate.weight_bytes)} + gradients {size(estimate.gradient_bytes)}"
+                 f" + trained and optimizer state up to {size(estimate.trainable_bytes)}, plus activations")
+    else:
+        cost += "; " + "; ".join(memory_lines(estimate.memory))
     return [
         f"plan: {n} setting{'s' if n != 1 else ''} x ({first.steps} steps + p_t at {len(first.states)} states "
         f"x up to {samples} samples) on {count(estimate.params)} parameters ({ckpt}"
         f"{sizes.train} training / {sizes.val} held-out examples)",
-        f"cost: at most {total.forwards:,} forwards and {total.backwards:,} backwards "
-        f"({total.units:,} example-passes, a backward counted as 2); memory: weights {size(estimate.weight_bytes)}"
-        f" + gradients {size(estimate.gradient_bytes)} + trained and optimizer state up to "
-        f"{size(estimate.trainable_bytes)}, plus activations",
+        cost,
     ]
 
 

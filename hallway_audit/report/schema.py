@@ -18,7 +18,7 @@ from ..probe.horizon import Schedule
 if TYPE_CHECKING:
     from ..audit import AuditResult
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 
 
 def clean(value: Any) -> Any:
@@ -216,6 +216,8 @@ def _dynamic_dict(d) -> dict[str, Any]:
         "schedule": vars(o.schedule or Schedule()),
         "train_steps": (o.schedule or Schedule()).steps,
         "beta_floor": o.beta_floor,
+        # what each device holds for the largest setting, estimated before any burst (hallway_audit.memory)
+        "memory": d.estimate.memory.to_dict() if d.estimate is not None and d.estimate.memory is not None else None,
     }
 
 
