@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from .checkpoint import open_checkpoint
-from .distributed.ranked import HandedOver, watch_progress, worker_rank
+from .distributed.ranked import HandedOver, worker_rank
+from .distributed.ranked import active as active_ranks
+from .distributed.static_split import merged_static, static_share
 from .errors import ExitCode, UsageError
 from .memory import check_memory, sweep_memory
 from .plan import DEFAULT_FORMATS as DEFAULT_FORMATS  # re-exported: hallway_audit.audit's public names
@@ -26,6 +28,7 @@ from .rules import Outcome, RuleSet, evaluate, load_rules, severity_rank
 from .rules.loader import rule_resolution_notes
 from .static import StaticResult, available_cpus, run_static
 from .static.audit import Progress
+from .static.partial import StaticPartial
 from .subjects import dynamic_subjects, rounds_stored, static_subjects
 from .threads import cpu_threads
 
@@ -156,21 +159,22 @@ def audit(
         check_ranks_fit(prepared.loaded.module, settings)  # a rank no targeted layer can hold: before any burst
         assert dynamic is not None
         check_memory(sweep_memory(prepared.loaded.module, settings, dynamic.burst, prepared.train, prepared.val))
-    if worker_rank():  # torchrun: ranks other than 0 probe their share of the sweep, hand it to rank 0 and stop
+    # Under torchrun every rank measures a share of the tensors and probes a share of the
+    # settings; rank 0 merges both (hallway_audit.distributed), the others stop (HandedOver).
+    ranked = active_ranks() is not None
+    own: StaticPartial | None = None
+    with open_checkpoint(checkpoint) as ckpt:
+        if ranked:
+            own = static_share(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=progress)
+        else:
+            static = run_static(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=progress,
+                                jobs=plan.jobs if plan.jobs is not None else available_cpus())
+        kind, infos = ckpt.kind, ckpt.infos()
+    if worker_rank():
         if prepared is not None and dynamic is not None:
             with cpu_threads(sum(p.numel() for p in prepared.loaded.module.parameters()), dev):
-                _run_dynamic(prepared, dynamic, settings, ruleset, burst_progress)
+                _run_dynamic(prepared, dynamic, settings, ruleset, burst_progress)  # hands both shares to rank 0
         raise HandedOver
-    with open_checkpoint(checkpoint) as ckpt:
-        static = run_static(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=watch_progress(progress),
-                            jobs=plan.jobs if plan.jobs is not None else available_cpus())
-        summary = CheckpointSummary(
-            path=str(Path(checkpoint)),
-            kind=ckpt.kind,
-            tensors=len(ckpt.infos()),
-            params=sum(i.numel for i in ckpt.infos()),
-            bytes=static.bytes_read,
-        )
     dyn_result = None
     if dynamic is None:
         notes.append("static audit only: pass --calib (and --model unless CHECKPOINT is a Hugging Face directory) for probe bursts; dynamic rules are skipped")
@@ -180,6 +184,10 @@ def audit(
         with cpu_threads(params, dev):
             dyn_result = _run_dynamic(prepared, dynamic, settings, ruleset, burst_progress)
         notes.extend(dyn_result.notes)
+    if own is not None:
+        static = merged_static(own)
+    summary = CheckpointSummary(path=str(Path(checkpoint)), kind=kind, tensors=len(infos),
+                                params=sum(i.numel for i in infos), bytes=static.bytes_read)
     static_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "static"), ruleset.vars, ruleset.files)
     dynamic_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "dynamic"), ruleset.vars, ruleset.files)
     stored = rounds_stored(r.setting for r in dyn_result.settings) if dyn_result is not None else None

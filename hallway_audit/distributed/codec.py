@@ -4,15 +4,17 @@ torch.distributed's object collectives pickle, and unpickling runs whatever the 
 name; nothing in this project unpickles. A result is written as JSON instead: str,
 int, float (Python's repr round-trips every double; NaN and +-Infinity as JSON's
 common extension), bool, None and lists as themselves, and every JSON object tagged
-with what it was -- a tuple, a dict with non-string keys, a tensor (dtype, shape and
-its numbers), a numpy array or scalar, or one of the dataclasses a SettingResult is
-made of. Decoding builds only those: the classes are the ones reachable from
+with what it was -- a tuple, a dict with non-string keys, bytes (base64), a tensor
+(dtype, shape and its numbers), a numpy array or scalar, or one of the dataclasses a
+SettingResult is made of. Decoding builds only those: the classes are the ones reachable from
 SettingResult's type hints, found when the module is first used, so a field added to
 the result travels without a change here.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import typing
@@ -59,6 +61,8 @@ def _encode(value: Any) -> Any:
         return value
     if type(value) is list:
         return [_encode(v) for v in value]
+    if type(value) is bytes:
+        return {TAG: "bytes", "v": base64.b64encode(value).decode("ascii")}
     if type(value) is tuple:
         return {TAG: "tuple", "v": [_encode(v) for v in value]}
     if type(value) is dict:
@@ -86,6 +90,8 @@ def _decode(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     tag = value.get(TAG)
+    if tag == "bytes":
+        return base64.b64decode(str(value["v"]), validate=True)
     if tag == "tuple":
         return tuple(_decode(v) for v in value["v"])
     if tag == "dict":
@@ -115,6 +121,19 @@ def _decode(value: Any) -> Any:
     raise ValueError(f"unknown tag {tag!r}")
 
 
+def encode(value: Any) -> Any:
+    """Plain data (str, int, float, bool, None, bytes, tuples, lists, dicts) as JSON-ready data."""
+    return _encode(value)
+
+
+def decode(data: Any) -> Any:
+    """What `encode` wrote; a malformed document is a ValueError."""
+    try:
+        return _decode(data)
+    except (KeyError, TypeError, binascii.Error) as exc:
+        raise ValueError(f"malformed data: {type(exc).__name__}: {exc}") from exc
+
+
 def to_plain(result: SettingResult) -> Any:
     """The result as JSON-ready data (see the module docstring)."""
     return _encode(result)
@@ -124,7 +143,7 @@ def from_plain(data: Any) -> SettingResult:
     """The result `to_plain` wrote, rebuilt."""
     from ..probe.result import SettingResult
 
-    out = _decode(data)
+    out = decode(data)
     if not isinstance(out, SettingResult):
         raise ValueError(f"expected a SettingResult, got {type(out).__name__}")
     return out

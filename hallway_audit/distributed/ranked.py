@@ -72,8 +72,8 @@ def describe(exc: BaseException) -> tuple[int, str]:
 # ---------------------------------------------------------------------------- payloads
 
 
-def _ok(results: Sequence[SettingResult]) -> bytes:
-    return codec.dumps({"status": "ok", "results": [codec.to_plain(r) for r in results]})
+def _ok(session: Session, results: Sequence[SettingResult]) -> bytes:
+    return codec.dumps({"status": "ok", "results": [codec.to_plain(r) for r in results], "extra": session.handed})
 
 
 def _failed(code: int, message: str, cancelled: bool) -> bytes:
@@ -123,13 +123,14 @@ def gather_results(settings: Sequence[Setting], mine: list[SettingResult]) -> li
     session = active()
     if session is None:
         return mine
-    raw = session.exchange(_ok(mine))
+    raw = session.exchange(_ok(session, mine))
     if raw is None:
         raise HandedOver
     parts = _parts(raw)
     failure = _first_failure(parts)
     if failure is not None:
         raise failure
+    session.received = parts
     by_id: dict[str, SettingResult] = {}
     for part in parts:
         for data in part["results"]:
@@ -205,16 +206,16 @@ def _protocol(session: Session, body: Callable[[], T], code_of: Callable[[T], in
                 failure = _first_failure(_parts(raw)) or failure
     if session.rank != 0:
         try:
-            if not session.exchanged:  # nothing to hand in: a static-only audit runs on rank 0
-                session.exchange(_ok([]))
+            if not session.exchanged:  # a static-only audit: only the static share to hand in
+                session.exchange(_ok(session, []))
             return RankOutcome(None, session.agree(None))
         except Decided as decided:
             return RankOutcome(None, _acknowledge(session, decided.code))
         except RankFailure as lost:  # rank 0 stopped answering: this rank says so
             return RankOutcome(None, int(lost.exit_code), lost.message, speaks=True)
-    if failure is None and not session.exchanged:  # a static-only audit: the others hand in nothing
+    if failure is None and not session.exchanged:  # the body did not meet the others (a library caller's)
         try:
-            raw = session.exchange(_ok([]))
+            raw = session.exchange(_ok(session, []))
             assert raw is not None
             failure = _first_failure(_parts(raw))
         except RankFailure as lost:

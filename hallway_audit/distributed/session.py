@@ -68,6 +68,9 @@ class Session:
         self._last_beat = 0.0
         self._last_check = 0.0
         self.exchanged = False
+        self.handed: dict[str, Any] = {}  # plain data this rank hands in at the exchange besides its results
+        self.received: list[dict[str, Any]] | None = None  # rank 0: every rank's part, once exchanged
+        self.static_seconds = 0.0
 
     # ------------------------------------------------------------------ setup
     @classmethod
