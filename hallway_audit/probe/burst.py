@@ -247,7 +247,7 @@ def run_burst(
     progress: BurstProgress | None = None,
     verdict: SharesVerdict | None = None,
 ) -> SettingResult:
-    """One setting's burst; `verdict` carries what an earlier setting learned about the loss
+    """One setting's burst; `verdict` carries what an earlier state learned about the loss
     (that it couples examples, so per-example shares are not worth recording)."""
     start = time.perf_counter()
     device = next(iter(base.values())).device

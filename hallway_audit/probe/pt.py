@@ -182,7 +182,7 @@ def measure_pt(
     the gradient of the whole training split `train` (micro-batches are drawn from
     it). `known` passes what the caller already computed at this state; `module`
     (the model evaluator runs) enables per-example shares for LoRA; `verdict`
-    remembers, across states and settings, a loss found to couple examples.
+    remembers, across the states of a burst, a loss found to couple examples.
     """
     out = PtAtState(step=step, radius=radius, val=Rate() if val is not None else None)
     stored = real.stored()

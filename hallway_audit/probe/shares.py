@@ -15,8 +15,10 @@ normalizes g_b, so the multiple cancels. Whether a loss is of that form is check
 not assumed: the caller compares the first micro-batch at each state against a
 direct gradient (`agrees_with`) and falls back to direct gradients when it differs.
 A loss that couples examples (in-batch contrastive: each example's term depends on
-the others) fails that check at every state and in every setting, so the first
-failure is remembered (`SharesVerdict`) and later states record no shares at all.
+the others) fails that check at every state, so the first failure is remembered
+(`SharesVerdict`, one per setting) and the setting's later states record no shares.
+Each setting decides for itself, so its numbers do not depend on which settings ran
+before it (in one process, or on which torchrun rank).
 Every fallback carries its reason, reported with p_t as `g_b_reason`.
 """
 
@@ -46,8 +48,8 @@ FOLDED = "a LoRA target layer does not see the examples in its first dimension: 
 
 
 class SharesVerdict:
-    """What the agreement check found about the loss, shared by every state and setting of a
-    sweep: once a loss is found to couple examples, no later state records shares."""
+    """What the agreement check found about the loss, shared by the states of one setting's
+    burst: once a loss is found to couple examples, no later state records shares."""
 
     def __init__(self) -> None:
         self.coupled = False
