@@ -120,9 +120,9 @@ def available_memory(device: str | torch.device = "cpu") -> tuple[int, str]:
     if dev.type == "cuda" and torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free), f"free on {dev}"
-    import psutil
+    from .memory import host_available  # psutil's figure, or less under a container's memory cgroup
 
-    return int(psutil.virtual_memory().available), "available on this host"
+    return host_available()
 
 
 def _torch_oom_types() -> tuple[type[BaseException], ...]:

@@ -38,7 +38,10 @@ transient of the logits and their log-softmax: the peak of a forward and backwar
 with torch.profiler's memory events (profile_memory=True, every CPU allocation), exceeded
 saved activations + gradients by 1.5-2.1 x 4 x tokens x vocab, and a forward without
 autograd peaked at 2.0-2.5 x 4 x tokens x vocab. SAVED_PER_LINEAR and LOGITS are those
-measurements rounded up; `peak_allocated` is the measurement, for recalibration.
+measurements rounded up. Without autograd, what is alive at once is one block's tensors
+besides the logits: on the tiny Llama (vocab 64, where the logits are small) the peak was
+0.45 x 4 x tokens x (sum of (in + out) over the linear layers of one block) beyond the logits. `peak_allocated`
+is the measurement, for recalibration.
 """
 
 from __future__ import annotations
@@ -156,22 +159,28 @@ class SettingNeed:
 @dataclass(frozen=True)
 class ActivationShape:
     """What a forward's activations scale with: tokens per example, the sum of every linear
-    layer's (in + out) features, and the widest linear output (the logits of an LM head)."""
+    layer's (in + out) features, the same sum over the largest block (the linear layers under
+    one numbered module, such as model.layers.3: what a forward without autograd holds at once)
+    and the widest linear output (the logits of an LM head)."""
 
     tokens_per_example: int
     linear_width: int
     head_width: int
+    block_width: int = 0
 
     @classmethod
     def of(cls, module: nn.Module, tokens_per_example: int) -> ActivationShape:
         from torch import nn
 
-        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-        width = sum(m.in_features + m.out_features for m in linears)
-        head = max((m.out_features for m in linears), default=0)
-        if not linears:  # no linear layer to count: every parameter's size, a coarse stand-in
+        linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        width = sum(m.in_features + m.out_features for _, m in linears)
+        head = max((m.out_features for _, m in linears), default=0)
+        blocks: dict[str, int] = {}
+        for name, m in linears:
+            blocks[_block_of(name)] = blocks.get(_block_of(name), 0) + m.in_features + m.out_features
+        if not linears:  # no linear layer to count: the mean parameter's size, a coarse stand-in
             width = sum(p.numel() for p in module.parameters()) // max(1, sum(1 for _ in module.parameters()))
-        return cls(max(1, tokens_per_example), width, head)
+        return cls(max(1, tokens_per_example), width, head, max(blocks.values(), default=width))
 
     def with_grad(self, examples: int) -> int:
         """Peak bytes of a forward and backward over `examples`, beyond the gradients."""
@@ -179,9 +188,18 @@ class ActivationShape:
         return int(FLOAT32 * tokens * (SAVED_PER_LINEAR * self.linear_width + LOGITS * self.head_width))
 
     def without_grad(self, examples: int) -> int:
-        """Peak bytes of a forward under no_grad over `examples`."""
+        """Peak bytes of a forward under no_grad over `examples`: the logits and one block."""
         tokens = examples * self.tokens_per_example
-        return int(FLOAT32 * tokens * (LOGITS * self.head_width + 2 * max(self.head_width, 1)))
+        return int(FLOAT32 * tokens * (LOGITS * self.head_width + self.block_width))
+
+
+def _block_of(name: str) -> str:
+    """'model.layers.3.mlp.up_proj' -> 'model.layers.3'; a name with no numbered part is its own block."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
 
 
 @dataclass(frozen=True)
@@ -222,7 +240,8 @@ class MemoryEstimate:
                         for d in self.devices()},
             "settings": {s.setting: s.total() for s in self.settings},
             "activation_shape": {"tokens_per_example": self.shape.tokens_per_example,
-                                 "linear_width": self.shape.linear_width, "head_width": self.shape.head_width},
+                                 "linear_width": self.shape.linear_width, "head_width": self.shape.head_width,
+                                 "block_width": self.shape.block_width},
             "model": f"hallway_audit.memory: saved activations {SAVED_PER_LINEAR} x sum(linear in+out), logits "
                      f"{LOGITS} x widest output, {WORKING_COPIES} working copies of the trained weights",
         }
@@ -388,14 +407,15 @@ def sweep_memory(
 # --- what a device can hold ------------------------------------------------------------------------
 
 
-def _cgroup_available() -> tuple[int, str] | None:
-    """Bytes the process's memory cgroup still allows (limit - usage + inactive file cache),
-    or None when there is no limit or it cannot be read (cgroup v2, then v1)."""
+def cgroup_available(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> tuple[int, str] | None:
+    """Bytes the process's memory cgroup still allows (limit - usage + inactive file cache,
+    which the kernel reclaims first), or None when there is no limit or it cannot be read
+    (cgroup v2: memory.max; v1: memory.limit_in_bytes; at the process's own path, else the root
+    a container sees)."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = proc.read_text().splitlines()
     except OSError:
         return None
-    root = Path("/sys/fs/cgroup")
     candidates: list[tuple[Path, str, str, str]] = []
     for line in lines:
         parts = line.split(":", 2)
@@ -434,7 +454,7 @@ def host_available() -> tuple[int, str]:
     import psutil
 
     free, source = int(psutil.virtual_memory().available), "available on this host"
-    cgroup = _cgroup_available()
+    cgroup = cgroup_available()
     if cgroup is not None and cgroup[0] < free:
         return cgroup
     return free, source
