@@ -26,6 +26,7 @@ from .recommend import Recommendation, recommend
 from .rules import FAIL_ON as FAIL_ON
 from .rules import Outcome, RuleSet, evaluate, load_rules, severity_rank
 from .rules.loader import rule_resolution_notes
+from .scope import FormatScope, format_scope, guessed_linear_layers, quantized_linear_layers
 from .static import StaticResult, available_cpus, run_static
 from .static.audit import Progress
 from .static.partial import StaticPartial
@@ -191,12 +192,24 @@ def audit(
     static_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "static"), ruleset.vars, ruleset.files)
     dynamic_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "dynamic"), ruleset.vars, ruleset.files)
     stored = rounds_stored(r.setting for r in dyn_result.settings) if dyn_result is not None else None
-    outcomes = evaluate(static_rules, static_subjects(static, stored))
+    outcomes = evaluate(static_rules, static_subjects(static, stored, _static_scope(static, plan.quantize, prepared)))
     outcomes += evaluate(dynamic_rules, dynamic_subjects(dyn_result) if dyn_result is not None else [])
     order = {r.id: i for i, r in enumerate(ruleset.rules)}
     outcomes.sort(key=lambda o: order[o.rule.id])
     recommendation = recommend(dyn_result, outcomes) if dyn_result is not None and dyn_result.settings else None
     return AuditResult(summary, static, ruleset, outcomes, decide_gate(outcomes, fail_on, dyn_result), notes, dyn_result, recommendation)
+
+
+def _static_scope(static: StaticResult, quantize: str, prepared: _PreparedDynamic | None) -> FormatScope:
+    """Which layers each format applies to under the plan's --quantize: from the model's
+    linear layers when there is one, guessed from the checkpoint's names otherwise."""
+    from .probe.targets import parameter_universe
+
+    if prepared is not None:
+        linear = quantized_linear_layers(parameter_universe(prepared.loaded.module))
+    else:
+        linear = guessed_linear_layers((layer.name, [t.shape for t in layer.tensors]) for layer in static.layers)
+    return format_scope(quantize, linear)
 
 
 @dataclass

@@ -14,7 +14,9 @@ from .metrics import METRICS
 from .probe import DynamicResult, Setting
 from .rules import Subject
 from .rules.evaluate import MetricValue
+from .scope import FormatScope
 from .static import StaticResult
+from .static.tally import FormatTally
 
 
 def _setting_context(fmt: str, lr: float, rounds_stored: int = 1) -> dict[str, MetricValue]:
@@ -38,19 +40,35 @@ def _is_value(v: object) -> TypeGuard[MetricValue]:
     return v is None or isinstance(v, (int, float, str))
 
 
-def static_subjects(static: StaticResult, stored: dict[str, int] | None = None) -> Iterator[Subject]:
-    """`stored`: rounds_stored() of the plan's settings (None: a static-only run)."""
+def _scoped_model(static: StaticResult, fmt: str, scope: FormatScope) -> FormatTally | None:
+    """The model's figures of `fmt` over the layers it applies to (None: none)."""
+    total, any_layer = FormatTally(), False
+    for layer in static.layers:
+        if fmt in layer.tally.formats and scope(fmt, layer.name):
+            total += layer.tally.formats[fmt]
+            any_layer = True
+    return total if any_layer else None
+
+
+def static_subjects(static: StaticResult, stored: dict[str, int] | None = None,
+                    scope: FormatScope | None = None) -> Iterator[Subject]:
+    """`stored`: rounds_stored() of the plan's settings (None: a static-only run);
+    `scope`: which layers each format applies to (scope.format_scope; None: all)."""
     stored = stored or {}
     for layer in static.layers:
         basics = layer.basics()
         yield Subject("layer", None, layer.name, basics)
         for fmt in static.formats:
-            yield Subject("layer", fmt, layer.name, {**basics, **layer.format_metrics(fmt), **_setting_context(fmt, static.lr, stored.get(fmt, 1))})
+            if scope is None or scope(fmt, layer.name):
+                yield Subject("layer", fmt, layer.name, {**basics, **layer.format_metrics(fmt), **_setting_context(fmt, static.lr, stored.get(fmt, 1))})
     model_basics = static.model.basics()
     yield Subject("model", None, None, model_basics)
     for fmt in static.formats:
+        tally = static.model.formats[fmt] if scope is None else _scoped_model(static, fmt, scope)
+        if tally is None:
+            continue
         ctx = _setting_context(fmt, static.lr, stored.get(fmt, 1))
-        model_fmt = {**model_basics, **static.model.formats[fmt].summary(), **ctx}
+        model_fmt = {**model_basics, **tally.summary(), **ctx}
         yield Subject("model", fmt, None, model_fmt)
         yield Subject("setting", fmt, None, model_fmt)
 

@@ -86,6 +86,7 @@ class AuditPlan:
     device: str = "auto"
     dynamic: DynamicPlan | None = None
     jobs: int | None = None  # static audit processes; None: the CPUs available (static.available_cpus)
+    quantize: str = "auto"  # which layers a coarse format applies to (scope.format_scope), static rules too
 
 
 @dataclass
@@ -297,6 +298,7 @@ def _assemble(values: Mapping[str, object], where: Mapping[str, str]) -> AuditPl
         lr=float(lrs[0]),
         spectral=bool(values.get("spectral", False)),
         jobs=values.get("jobs"),  # type: ignore[arg-type]
+        quantize=str(values.get("quantize", "auto")),
         fail_on=str(_get(values, "fail_on")),
         device=str(_get(values, "device")),
         dynamic=dynamic,

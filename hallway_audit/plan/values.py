@@ -310,7 +310,7 @@ KEYS: dict[str, Key] = {
     "warmup": Key(_checker(integer, lo=0, hi=MAX_TRAIN_STEPS), True),
     "lr_min": Key(_checker(number, lo=0.0, strict=False), True),
     "lora_base": Key(_checker(choice, allowed=LORA_BASES), True),
-    "quantize": Key(_checker(choice, allowed=QUANTIZE_SCOPES), True),
+    "quantize": Key(_checker(choice, allowed=QUANTIZE_SCOPES), False),  # static rules read its scope too
     "adapter_precision": Key(format_name, True),
 }
 

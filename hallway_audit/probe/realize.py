@@ -34,7 +34,7 @@ from torch import Tensor
 from ..errors import UsageError
 from ..lattice import Format, get_format
 from .settings import Setting
-from .targets import ParamInfo, select_targets
+from .targets import ParamInfo, is_head, select_targets
 
 _SEP = "::"  # phi key for LoRA adapters: "<param name>::A"
 _FP32 = get_format("fp32")
@@ -162,7 +162,8 @@ class Realization:
     # -- the lattice ---------------------------------------------------------------
     def quantized(self, name: str) -> bool:
         """Does the weight format apply to parameter `name` (scope: all or linear weights)?"""
-        return self.quantizes and (self.all_params or self.info[name].linear)
+        info = self.info[name]
+        return self.quantizes and (self.all_params or (info.linear and not is_head(info.layer)))
 
     def weight_format(self, name: str) -> Format | None:
         """The lattice the stored W-space value of trainable `name` lives on; None for a

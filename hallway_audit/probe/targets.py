@@ -36,7 +36,9 @@ def parameter_universe(module: nn.Module) -> list[ParamInfo]:
     return out
 
 
-def _is_head(layer: str) -> bool:
+def is_head(layer: str) -> bool:
+    """The output head (lm_head, a classifier): not a LoRA target under all-linear, and
+    left in its own precision when a coarse format quantizes linear weights."""
     return any(layer == h or layer.endswith("." + h) for h in _HEAD_NAMES)
 
 
@@ -44,7 +46,7 @@ def select_targets(params: list[ParamInfo], targets: str) -> list[ParamInfo]:
     """Linear weights matching --targets: all-linear | attention | mlp | a regex over module paths."""
     linear = [p for p in params if p.linear]
     if targets == "all-linear":
-        chosen = [p for p in linear if not _is_head(p.layer)]
+        chosen = [p for p in linear if not is_head(p.layer)]
     elif targets in TARGET_PRESETS:
         suffixes = TARGET_PRESETS[targets]
         chosen = [p for p in linear if any(p.layer == s or p.layer.endswith("." + s) for s in suffixes)]

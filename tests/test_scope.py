@@ -1,0 +1,83 @@
+"""Which layers a weight format applies to (docs/definitions.md §4.3): the probe and the
+static rules follow the frameworks: coarse formats quantize linear weights but the head."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from helpers import EXAMPLE, tiny_llama_model
+
+from hallway_audit.checkpoint import layer_name
+from hallway_audit.cli import main
+from hallway_audit.probe import OptimizerSpec, PrecisionStack, Setting, Subspace
+from hallway_audit.probe.realize import Realization
+from hallway_audit.probe.targets import param_dict, parameter_universe
+from hallway_audit.scope import format_scope, guessed_linear_layers, quantized_linear_layers
+
+
+def _guess(module: torch.nn.Module) -> set[str]:
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    for name, p in module.state_dict().items():
+        shapes.setdefault(layer_name(name), []).append(tuple(p.shape))
+    return guessed_linear_layers(shapes.items())
+
+
+def test_guessed_linear_layers_match_the_model_on_llama_and_bert():
+    """From names and shapes alone, the same layers as the model's nn.Linear weights
+    other than the head: embeddings, norms and the head are left out."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    llama = tiny_llama_model()
+    known = quantized_linear_layers(parameter_universe(llama))
+    assert "lm_head" not in known and "model.embed_tokens" not in known and "model.layers.0.mlp.down_proj" in known
+    assert _guess(llama) == known
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                                        intermediate_size=64, vocab_size=100, num_labels=3))
+    known = quantized_linear_layers(parameter_universe(bert))
+    assert "classifier" not in known and "bert.pooler.dense" in known
+    assert not any("embeddings" in n or "LayerNorm" in n for n in known)
+    assert _guess(bert) == known
+
+
+def test_format_scope_follows_quantize():
+    scope = format_scope("auto", {"a.q_proj"})
+    assert scope("bf16", "a.norm") and scope("fp32", "lm_head")  # cast-all formats apply everywhere
+    assert scope("nf4", "a.q_proj") and not scope("nf4", "a.norm") and not scope("fp8_e4m3", "lm_head")
+    assert format_scope("all", set())("nf4", "a.norm")
+    assert not format_scope("linear", {"a.q_proj"})("bf16", "a.norm")
+
+
+@pytest.mark.parametrize("quantize, head_quantized", [("auto", False), ("linear", False), ("all", True)])
+def test_the_probe_leaves_the_head_in_fp32_under_a_coarse_format(quantize, head_quantized):
+    module = tiny_llama_model()
+    params = parameter_universe(module)
+    setting = Setting(PrecisionStack("fp8_e4m3", None, "nearest", "fp32", scope=quantize), Subspace("full"),
+                      OptimizerSpec("adamw", 1e-4))
+    real = Realization(setting, params, param_dict(module), torch.Generator().manual_seed(0))
+    assert real.quantized("lm_head.weight") is head_quantized
+    assert real.quantized("model.layers.0.mlp.down_proj.weight")
+    assert real.quantized("model.norm.weight") is (quantize == "all")
+
+
+def _nf4_findings(capsys, *extra: str) -> set[tuple[str, str]]:
+    code = main([str(EXAMPLE), "--precision", "nf4,bf16", "-q", "--format", "json", *extra])
+    doc = json.loads(capsys.readouterr().out)
+    assert code in (0, 1)
+    return {(f["rule"], f["layer"]) for f in doc["findings"] if f.get("setting") == "nf4" and f.get("layer")}
+
+
+def test_static_rules_see_a_format_only_where_it_applies(capsys):
+    """nf4 on the example: under auto (the frameworks' scope) no nf4 finding names an
+    embedding, a norm or the head; --quantize all (0.3's behaviour) brings them back."""
+    def off_scope(found: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        return {(r, layer) for r, layer in found if any(k in layer for k in ("embed", "norm", "lm_head"))}
+
+    auto = _nf4_findings(capsys)
+    assert auto and not off_scope(auto)  # the linear layers still have their findings
+    forced = _nf4_findings(capsys, "--quantize", "all")
+    assert {"lm_head", "model.embed_tokens"} <= {layer for _, layer in off_scope(forced)}
