@@ -81,3 +81,22 @@ def test_static_rules_see_a_format_only_where_it_applies(capsys):
     assert auto and not off_scope(auto)  # the linear layers still have their findings
     forced = _nf4_findings(capsys, "--quantize", "all")
     assert {"lm_head", "model.embed_tokens"} <= {layer for _, layer in off_scope(forced)}
+
+
+def test_bert_presets_put_each_layer_in_one_preset():
+    """BERT's attention output (attention.output.dense) ends like its MLP output
+    (output.dense): it belongs to attention only."""
+    from transformers import BertConfig, BertModel
+
+    from hallway_audit.probe.targets import select_targets
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                    vocab_size=100))
+    params = parameter_universe(bert)
+    mlp = {p.layer for p in select_targets(params, "mlp")}
+    attention = {p.layer for p in select_targets(params, "attention")}
+    assert mlp == {"encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"}
+    assert attention == {f"encoder.layer.0.attention.self.{k}" for k in ("query", "key", "value")} | {
+        "encoder.layer.0.attention.output.dense"}

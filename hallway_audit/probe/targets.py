@@ -42,14 +42,26 @@ def is_head(layer: str) -> bool:
     return any(layer == h or layer.endswith("." + h) for h in _HEAD_NAMES)
 
 
+def _ends_with_any(layer: str, suffixes: tuple[str, ...]) -> bool:
+    return any(layer == s or layer.endswith("." + s) for s in suffixes)
+
+
+def _preset_matches(preset: str, layer: str) -> bool:
+    """A preset's suffixes, with each layer in one preset only: BERT's MLP output
+    (`output.dense`) is also the tail of its attention output (`attention.output.dense`)."""
+    if not _ends_with_any(layer, TARGET_PRESETS[preset]):
+        return False
+    others = [p for p in TARGET_PRESETS if p != preset]
+    return preset == "attention" or not any(_ends_with_any(layer, TARGET_PRESETS[o]) for o in others)
+
+
 def select_targets(params: list[ParamInfo], targets: str) -> list[ParamInfo]:
     """Linear weights matching --targets: all-linear | attention | mlp | a regex over module paths."""
     linear = [p for p in params if p.linear]
     if targets == "all-linear":
         chosen = [p for p in linear if not is_head(p.layer)]
     elif targets in TARGET_PRESETS:
-        suffixes = TARGET_PRESETS[targets]
-        chosen = [p for p in linear if any(p.layer == s or p.layer.endswith("." + s) for s in suffixes)]
+        chosen = [p for p in linear if _preset_matches(targets, p.layer)]
     else:
         pattern = compile_pattern(targets, "--targets")  # refused if unsafe to backtrack (safe_regex)
         chosen = [p for p in linear if pattern.search(check_name(p.layer, "--targets"))]
