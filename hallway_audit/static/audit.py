@@ -128,7 +128,7 @@ def measure_units(
             yield result
             continue
         group = pending.setdefault(uid, [])
-        group.append((i, w))
+        group.append((i, w.clone()))  # a view would keep its whole shard mapped (and resident) until the batch is measured
         del w
         if len(group) == len(unit.members):
             if unit.at == end:  # one process measures the last batch after every tensor

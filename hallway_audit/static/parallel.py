@@ -2,11 +2,17 @@
 
 The plan (plan.py) is cut into tasks of consecutive units of about equal bytes. The
 parent measures tasks itself, so it works while the workers start (a worker
-imports torch: about 2 s, paid once per process through the forkserver), and
-jobs - 1 worker processes take the others: each opens the checkpoint itself,
-reads only its tasks' tensors, and sends back plain counts (worker.py). The
-parent merges them in plan order (partial.Merger): the result is the one --jobs 1
-gives, bit for bit.
+imports torch: about 2 s), and jobs - 1 worker processes take the others: each
+opens the checkpoint itself, reads only its tasks' tensors, and sends back plain
+counts (worker.py). The parent merges them in plan order (partial.Merger): the
+result is the one --jobs 1 gives, bit for bit.
+
+Workers are fresh interpreters (`python -c`, as multiprocessing's spawn starts
+them, never a fork of this process and its torch threads), started through
+subprocess rather than multiprocessing: spawn and forkserver re-run the caller's
+main script in every worker, which in a script without an `if __name__ ==
+"__main__"` guard would start the audit again in each one. Each runs in its own
+session, so a Ctrl-C at the terminal reaches only the parent, which ends them.
 
 Failures come out as with --jobs 1. Each carries where one process would have
 met it (the tensor's index); once one is known, tasks that start beyond it are
@@ -23,16 +29,20 @@ opens them in milliseconds) of at least PARALLEL_FROM_MB.
 from __future__ import annotations
 
 import builtins
-import multiprocessing
+import json
 import os
 import queue
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import torch
 
@@ -117,7 +127,7 @@ def parallel_jobs(checkpoint: Checkpoint, plan: StaticPlan, jobs: int, device: s
         return 1
     if not all(i.source.name.endswith(".safetensors") for i in plan.infos):
         return 1
-    if multiprocessing.current_process().daemon:  # a daemon process may not start children
+    if os.name != "posix":  # workers get their pipes by file descriptor (subprocess pass_fds)
         return 1
     if plan.total_bytes < parallel_from_bytes():
         return 1
@@ -162,7 +172,7 @@ def _rebuild(kind: str, name: str, code: int, message: str) -> BaseException:
     return RuntimeError(f"{name} in a static audit worker: {message}")
 
 
-def _death(pid: int, code: int | None, what: str) -> BaseException:
+def _death(pid: int, code: int | None, what: str, last_words: str = "") -> BaseException:
     """A worker that ended without a word: killed (SIGKILL: out of memory), stopped, or crashed."""
     if code is not None and code < 0:
         sig = -code
@@ -181,7 +191,8 @@ def _death(pid: int, code: int | None, what: str) -> BaseException:
         if sig == signal.SIGINT:
             return KeyboardInterrupt()
         return RuntimeError(f"static audit worker (pid {pid}) died of {name} while {what}")
-    return RuntimeError(f"static audit worker (pid {pid}) exited with code {code} while {what}")
+    said = f" ({last_words})" if last_words else ""
+    return RuntimeError(f"static audit worker (pid {pid}) exited with code {code} while {what}{said}")
 
 
 class _Board:
@@ -231,48 +242,74 @@ class _Board:
         return f"measuring tensors {first!r} to {last!r}" if first != last else f"measuring tensor {first!r}"
 
 
+# The worker's command: the parent's import path, then worker.main(socket fd, lifeline fd).
+_BOOT = "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); from hallway_audit.static.worker import main; main()"
+
+
 class _Slot:
     """One worker process and the parent's thread that feeds it tasks."""
 
-    def __init__(self, ctx: Any, board: _Board, setup: tuple[Any, ...]) -> None:
+    def __init__(self, board: _Board, setup: tuple[Any, ...]) -> None:
         self.board = board
         self.setup = setup
-        self.conn, child = ctx.Pipe()
-        life_r, self.life_w = ctx.Pipe(duplex=False)
-        self.proc = ctx.Process(target=_serve, args=(child, life_r), daemon=True, name="hallway-audit-static")
-        self._child_ends = (child, life_r)
         self.lock = threading.Lock()
         self.started = self.cancelled = False
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conn: Connection | None = None
+        self.life_w: int | None = None
+        self.stderr: IO[bytes] | None = None
         self.stats: WorkerStats | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="hallway-audit-static-feed")
 
+    def _start(self) -> None:
+        mine, theirs = socket.socketpair()
+        life_r, life_w = os.pipe()  # the worker exits when this reaches end of file: when we exit
+        self.stderr = tempfile.TemporaryFile()  # noqa: SIM115  closed in reap(), after the worker ended
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, json.dumps([p for p in sys.path if p]), str(theirs.fileno()), str(life_r)],
+                pass_fds=(theirs.fileno(), life_r), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=self.stderr, start_new_session=True,
+            )
+        except BaseException:
+            mine.close()
+            os.close(life_w)
+            raise
+        finally:
+            theirs.close()
+            os.close(life_r)
+        with self.lock:
+            self.proc, self.conn, self.life_w = proc, Connection(mine.detach()), life_w
+            self.started = True
+            if self.cancelled:  # the audit ended while this worker was starting
+                self._end()
+
     def _recv(self) -> tuple[Any, ...]:
+        assert self.conn is not None
         return loads_plain(self.conn.recv_bytes())
+
+    def _send(self, *msg: Any) -> None:
+        assert self.conn is not None
+        self.conn.send_bytes(dumps_plain(msg))
 
     def _run(self) -> None:
         task: Task | None = None
         try:
             try:
-                self.proc.start()
+                self._start()
             except Exception as exc:
                 self.board.events.put(("start_failed", exc))
                 return
-            finally:
-                for end in self._child_ends:
-                    end.close()
-            with self.lock:
-                self.started = True
-                if self.cancelled:  # the audit ended while this worker was starting
-                    self.proc.terminate()
-                    return
-            self.conn.send_bytes(dumps_plain(("setup", *self.setup)))
+            if self.cancelled:
+                return
+            self._send("setup", *self.setup)
             msg = self._recv()
             if msg[0] == "error":
                 self.board.events.put(("error", None, *msg[2:]))
                 return
             self.stats = WorkerStats(pid=int(msg[1]), start_rss=int(msg[2]))
             while (task := self.board.take()) is not None:
-                self.conn.send_bytes(dumps_plain(("task", task.tid, task.units)))
+                self._send("task", task.tid, task.units)
                 while (msg := self._recv())[0] == "progress":
                     self.board.events.put(msg)
                 if msg[0] == "done":
@@ -284,51 +321,58 @@ class _Slot:
                 else:
                     self.board.events.put(msg)
                 task = None
-            self.conn.send_bytes(dumps_plain(("stop",)))
+            self._send("stop")
         except (EOFError, OSError):
-            if self.board.stopping:
+            if self.board.stopping or self.proc is None:
                 return
-            self.proc.join(_JOIN_S)
-            self.board.events.put(("died", task.tid if task else None, self.proc.pid, self.proc.exitcode))
+            try:
+                code = self.proc.wait(_JOIN_S)
+            except subprocess.TimeoutExpired:
+                code = None
+            self.board.events.put(("died", task.tid if task else None, self.proc.pid, code, self._last_words()))
         except Exception as exc:  # a bug here: said once, by the parent, as an internal error
             if not self.board.stopping:
                 self.board.events.put(("crashed", exc))
+
+    def _last_words(self) -> str:
+        """The last line the worker wrote to stderr (a crash outside its own error handling)."""
+        if self.stderr is None:
+            return ""
+        try:
+            self.stderr.seek(0)
+            lines = [line for line in self.stderr.read()[-4096:].decode(errors="replace").splitlines() if line.strip()]
+        except (OSError, ValueError):
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    def _end(self) -> None:
+        if self.life_w is not None:
+            os.close(self.life_w)
+            self.life_w = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
 
     def stop(self) -> None:
         """End the worker now (idempotent); the feeding thread then sees end of file."""
         with self.lock:
             self.cancelled = True
-            started = self.started
-        self.life_w.close()
-        if started and self.proc.is_alive():
-            self.proc.terminate()
+            self._end()
 
     def reap(self) -> None:
         with self.lock:
-            started = self.started
-        if started:
-            self.proc.join(_JOIN_S)
-            if self.proc.is_alive():
-                self.proc.kill()
-                self.proc.join(_JOIN_S)
-        self.thread.join(0.1 if not started else _JOIN_S)
-        self.conn.close()
-
-
-def _serve(conn: Connection, lifeline: Connection) -> None:
-    from .worker import serve
-
-    serve(conn, lifeline)
-
-
-def _context() -> Any:
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        ctx = multiprocessing.get_context("forkserver")
-        # torch is imported once, in the server; each worker is then a fork of a process
-        # that never ran torch code (no threads), ready in milliseconds
-        ctx.set_forkserver_preload(["hallway_audit.static.worker"])
-        return ctx
-    return multiprocessing.get_context("spawn")
+            proc = self.proc
+        if proc is not None:
+            try:
+                proc.wait(_JOIN_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(_JOIN_S)
+        self.thread.join(0.1 if proc is None else _JOIN_S)
+        with self.lock:
+            if self.conn is not None:
+                self.conn.close()
+            if self.stderr is not None:
+                self.stderr.close()
 
 
 class _Run:
@@ -374,8 +418,8 @@ class _Run:
             _, _, at, fkind, name, code, message = event
             self.board.fail(task, int(at), _rebuild(fkind, name, int(code), message))
         elif kind == "died":
-            _, _, pid, code = event
-            self.board.fail(task, task.first if task else -1, _death(pid, code, self.board.where(task)))
+            _, _, pid, code, last_words = event
+            self.board.fail(task, task.first if task else -1, _death(pid, code, self.board.where(task), last_words))
         elif kind == "start_failed":
             self.board.fail(None, -1, ResourceError(
                 f"cannot start static audit worker processes ({type(event[1]).__name__}: {event[1]}); use --jobs 1"))
@@ -436,11 +480,9 @@ def run_parallel(
     run = _Run(checkpoint, plan, lr, tasks, device, progress, threads)
     n_workers = max(1, min(jobs - 1 if parent_measures else jobs, len(tasks)))
     each = max(1, threads // jobs)
-    env = {k: v for k, v in os.environ.items() if k.startswith("HALLWAY_AUDIT_")}
-    setup = (os.getcwd(), env, os.fspath(checkpoint.path), checkpoint.kind, list(plan.formats), lr, plan.spectral,
+    setup = (os.fspath(checkpoint.path), checkpoint.kind, list(plan.formats), lr, plan.spectral,
              str(device), each, threads, plan.fingerprint())
-    ctx = _context()
-    slots = [_Slot(ctx, run.board, setup) for _ in range(n_workers)]
+    slots = [_Slot(run.board, setup) for _ in range(n_workers)]
     torch.set_num_threads(each)
     try:
         for slot in slots:

@@ -1,15 +1,15 @@
 """A --jobs worker process: opens the checkpoint itself and measures the units it is sent.
 
-Started by parallel.py through multiprocessing's forkserver (spawn where there is
-none), never by a plain fork of a process whose torch threads may be running.
-Messages both ways are plain data (partial.dumps_plain / loads_plain): task
-numbers, counts and figures, never pickled objects.
+Started by parallel.py as a fresh interpreter (`python -c ... main()`, in its own
+session), with the current directory and environment of the parent, so paths,
+limits (HALLWAY_AUDIT_*) and messages are the parent's. Messages both ways are
+plain data (partial.dumps_plain / loads_plain): task numbers, counts and figures,
+never pickled objects.
 
-The worker never outlives the audit: it exits when told to stop, when its task
-pipe closes, and -- from a watchdog thread, even while it measures -- when the
-lifeline pipe from the parent reaches end of file, which the kernel makes happen
-as soon as the parent exits for any reason, SIGKILL included. Ctrl-C is ignored
-here: the parent receives it too and ends its workers.
+The worker never outlives the audit: it exits when told to stop, when its socket
+closes, and -- from a watchdog thread, even while it measures -- when the lifeline
+pipe from the parent reaches end of file, which the kernel makes happen as soon as
+the parent exits for any reason, SIGKILL included.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -33,7 +34,6 @@ from .audit import Cursor, measure_units
 from .partial import dumps_plain, loads_plain, unit_to_plain
 from .plan import StaticPlan, plan_static
 
-ENV_PREFIX = "HALLWAY_AUDIT_"  # limits the worker must apply as the parent does
 PROGRESS_EVERY_S = 0.1
 
 
@@ -52,9 +52,10 @@ def current_rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _watch(lifeline: Connection) -> None:
-    with contextlib.suppress(EOFError, OSError):
-        lifeline.recv_bytes()
+def _watch(lifeline: int) -> None:
+    with contextlib.suppress(OSError):
+        while os.read(lifeline, 1):
+            pass
     os._exit(1)  # the parent is gone (or ended the audit): stop now, mid-tensor if need be
 
 
@@ -82,12 +83,8 @@ class _Worker:
     def send(self, *msg: Any) -> None:
         self.conn.send_bytes(dumps_plain(msg))
 
-    def setup(self, cwd: str, env: dict[str, str], path: str, reader: str, formats: list[str], lr: float,
-              spectral: bool, device: str, threads: int, spectral_threads: int, fingerprint: str) -> None:
-        os.chdir(cwd)  # paths and their messages as the user gave them
-        for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
-            del os.environ[key]
-        os.environ.update(env)
+    def setup(self, path: str, reader: str, formats: list[str], lr: float, spectral: bool, device: str,
+              threads: int, spectral_threads: int, fingerprint: str) -> None:
         torch.set_num_threads(threads)
         self.lr, self.device, self.spectral_threads = lr, device, spectral_threads
         self.ckpt = open_checkpoint(path, reader=reader)
@@ -139,9 +136,10 @@ class _Worker:
                 self.task(*msg[1:])
 
 
-def serve(conn: Connection, lifeline: Connection) -> None:
-    """The worker process's entry point (multiprocessing target)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def main() -> None:
+    """The worker process: `python -c ... main()` with argv [paths, socket fd, lifeline fd]."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns Ctrl-C and ends its workers
+    conn, lifeline = Connection(int(sys.argv[2])), int(sys.argv[3])
     threading.Thread(target=_watch, args=(lifeline,), daemon=True, name="lifeline").start()
     worker = _Worker(conn)
     try:
