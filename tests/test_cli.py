@@ -259,3 +259,20 @@ def test_unexpected_exception_is_exit_70_without_traceback(capsys, monkeypatch, 
     monkeypatch.setattr(static_audit, "measure_many", broken)  # small tensors are measured together
     code, _, err = run(capsys, str(mlp))
     assert code == 70 and "internal error: ZeroDivisionError" in err and "Traceback" not in err
+
+
+def test_a_reader_that_leaves_early_is_not_an_internal_error(monkeypatch, capsys):
+    """`hallway-audit audit --help | head -1`: the pipe closes under click's echo; exit 141
+    (SIGPIPE's shell code) with nothing on stderr, not exit 70 with a traceback."""
+    import io
+
+    class ClosedPipe(io.StringIO):
+        def write(self, s: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            raise io.UnsupportedOperation("no descriptor")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["audit", "--help"]) == 141
+    assert capsys.readouterr().err == ""

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         return interrupt.report(exc)
     except click.exceptions.Abort:
         return _fail("aborted", 130)
+    except BrokenPipeError:  # `hallway-audit ... | head`: the reader left; nothing to say, as a shell pipe would
+        _silence_stdout()
+        return 128 + 13  # SIGPIPE's shell code
     except click.exceptions.ClickException as exc:  # usage errors: bad flags, missing args
         return _usage_error(exc)
     except HallwayError as exc:
@@ -76,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
             f"internal error: {type(exc).__name__}: {exc} (set HALLWAY_AUDIT_DEBUG=1 for the traceback; please report it)",
             int(ExitCode.INTERNAL),
         )
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def run() -> None:
