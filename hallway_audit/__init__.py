@@ -10,6 +10,7 @@ __version__ = "0.3.0"
 from . import _startup  # noqa: F401  first: in the CLI, an interrupt while torch imports is one line
 from .audit import AuditResult, CheckpointSummary, DynamicPlan, Gate, audit
 from .checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from .distributed import audit_distributed
 from .errors import (
     CheckpointError,
     ExitCode,
@@ -59,6 +60,7 @@ __all__ = [
     "UsageError",
     "__version__",
     "audit",
+    "audit_distributed",
     "build_plan",
     "evaluate",
     "get_format",
