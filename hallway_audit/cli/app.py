@@ -34,10 +34,17 @@ def cli() -> None:
       hallway-audit formats                     the number formats and their lattices
       hallway-audit render REPORT.json          a saved JSON report in another format
 
+    Several GPUs or nodes: run it under torchrun; the settings of the sweep are
+    split across the processes (each on cuda:LOCAL_RANK) and rank 0 writes the report:
+
+    \b
+      torchrun --nproc-per-node 8 -m hallway_audit CHECKPOINT --calib FILE --rank 8,16,32 --precision bf16,fp8_e4m3
+
     Exit codes: 0 gate passed, 1 gate failed, 2 usage error, 3 unreadable
     checkpoint, 4 invalid rule file, 5 report not written, 6 out of memory,
     7 model cannot be built or does not fit the checkpoint, 8 calibration data or
-    loss unusable, 70 internal error.
+    loss unusable, 9 torchrun ranks could not meet or one stopped responding,
+    70 internal error.
     """
 
 
