@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from ..limits import is_out_of_memory
 from .loaded import LoadedModel, finish
 from .size import check_config_size, check_model_size
 from .state import mismatch_message
+
+if TYPE_CHECKING:
+    from .placement import PlacementSpec
 
 # Any of these beside config.json means the directory ships a tokenizer.
 TOKENIZER_FILES = (
@@ -202,10 +205,14 @@ def optional_tokenizer(path: Path) -> object | None:
         return load_tokenizer(path, transformers)
 
 
-def build_hf_model(path: Path, config: dict[str, Any], device: str | torch.device) -> LoadedModel:
-    """The architecture config.json names, its weights from the directory, its tokenizer if any."""
+def build_hf_model(
+    path: Path, config: dict[str, Any], device: str | torch.device, placement: PlacementSpec | None = None,
+) -> LoadedModel:
+    """The architecture config.json names, its weights from the directory, its tokenizer if any;
+    with `placement` (--device-map), spread over devices by accelerate (model/placement.py)."""
     where = shown(path)
-    check_config_size(config, where, device)  # before transformers parses it: some configs build per-layer lists
+    # before transformers parses it: some configs build per-layer lists (a device map needs no one device to hold it)
+    check_config_size(config, where, device, memory=placement is None)
     transformers = _transformers(where)
     with _quiet(transformers):
         try:
@@ -217,8 +224,15 @@ def build_hf_model(path: Path, config: dict[str, Any], device: str | torch.devic
                 f"{where}config.json: transformers {transformers.__version__} cannot read it: "
                 f"{type(exc).__name__}: {one_line(exc)}"
             ) from exc
-        check_model_size(lambda: _build_empty(transformers, hf_config, config, where), where, device)
-        module = _load_first_that_fits(transformers, path, hf_config, config, where)
+        placed = None
+        if placement is None:
+            check_model_size(lambda: _build_empty(transformers, hf_config, config, where), where, device)
+            module = _load_first_that_fits(transformers, path, hf_config, config, where)
+        else:
+            from .placement import load_placed
+
+            module, placed = load_placed(path, lambda: _build_empty(transformers, hf_config, config, where), placement,
+                                         where)
         tokenizer = load_tokenizer(path, transformers)
     model_config: Any = getattr(module, "config", None)
     if getattr(model_config, "use_cache", None):
@@ -232,5 +246,6 @@ def build_hf_model(path: Path, config: dict[str, Any], device: str | torch.devic
         source=f"transformers {name} from {where}config.json",
         device=device,
         tokenizer=tokenizer,
+        placement=placed,
     )
 

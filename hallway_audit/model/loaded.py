@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,9 @@ from hallway_audit.errors import ResourceError, UsageError
 
 from ..checkpoint.base import one_line
 from ..limits import is_out_of_memory
+
+if TYPE_CHECKING:
+    from .placement import Placement
 
 KINDS = ("hf-causal-lm", "hf", "factory")
 # torch.OutOfMemoryError is torch >= 2.5; the CUDA one is older. Either means "exit 6"
@@ -43,6 +47,7 @@ class LoadedModel:
     source: str  # for the report: "transformers LlamaForCausalLM from dir/config.json"
     tokenizer: object | None  # a transformers tokenizer when the HF directory has one
     input_names: tuple[str, ...]  # named parameters of module.forward, to filter batch keys
+    placement: Placement | None = None  # --device-map: where accelerate put each module (model/placement.py)
 
 
 def forward_names(module: torch.nn.Module) -> tuple[str, ...]:
@@ -88,15 +93,18 @@ def finish(
     source: str,
     device: str | torch.device,
     tokenizer: object | None = None,
+    placement: Placement | None = None,
 ) -> LoadedModel:
-    """float32 + device + evaluation mode: the state every consumer of a LoadedModel relies on."""
+    """float32 + device + evaluation mode: the state every consumer of a LoadedModel relies on.
+    A placed module (--device-map) is float32 on its devices already and is not moved."""
     dev = parse_device(device)
-    try:
-        module = module.float().to(dev)
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        raise ResourceError(f"out of memory moving {source} to {dev}: {one_line(exc)}") from exc
+    if placement is None:
+        try:
+            module = module.float().to(dev)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise ResourceError(f"out of memory moving {source} to {dev}: {one_line(exc)}") from exc
     module.eval()
     return LoadedModel(
         module=module,
@@ -104,4 +112,5 @@ def finish(
         source=source,
         tokenizer=tokenizer,
         input_names=forward_names(module),
+        placement=placement,
     )

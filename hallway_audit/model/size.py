@@ -106,9 +106,11 @@ def _refuse_if_too_big(params: int, how: str, where: str, device: str | torch.de
             )
 
 
-def check_config_size(config: dict[str, Any], where: str, device: str | torch.device) -> None:
-    """Refuse (exit 6) a config.json whose layer count or lower-bound size cannot be built."""
-    _refuse_if_too_big(params_lower_bound(config), "at least", where, device)
+def check_config_size(config: dict[str, Any], where: str, device: str | torch.device, *, memory: bool = True) -> None:
+    """Refuse (exit 6) a config.json whose layer count or lower-bound size cannot be built;
+    memory=False checks the layer count only (a device map spreads the model over devices)."""
+    if memory:
+        _refuse_if_too_big(params_lower_bound(config), "at least", where, device)
     layers, key = layer_count(config)
     limit = limits.max_layers()
     if layers > limit:
