@@ -359,6 +359,36 @@ def test_a_static_audit_under_two_ranks_is_written_once_by_rank_0(tmp_path):
     assert outs[1][1].strip() == ""
 
 
+LIBRARY = """
+import json, os, sys
+from hallway_audit import audit_distributed
+from hallway_audit.audit import DynamicPlan
+from hallway_audit.probe import BurstOptions, SweepSpec
+
+example = sys.argv[1]
+result = audit_distributed(example, device="cpu", dynamic=DynamicPlan(
+    calib=os.path.join(example, "calib.safetensors"), sweep=SweepSpec(precision=["bf16", "fp8_e4m3"], rank=[4, 8]),
+    burst=BurstOptions(steps=2, samples=16, micro_batch=4)))
+with open(f"out-{os.environ.get('RANK', 'single')}.json", "w") as f:
+    json.dump(result.to_dict() if result is not None else None, f, sort_keys=True)
+"""
+
+
+@pytest.mark.slow
+def test_audit_distributed_returns_the_whole_sweep_on_rank_0_and_none_elsewhere(tmp_path):
+    (tmp_path / "run.py").write_text(LIBRARY)
+    single = subprocess.run([sys.executable, "run.py", str(EXAMPLE)], check=False, cwd=tmp_path, env=_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "run.py", str(EXAMPLE)]
+    ranked = subprocess.run(cmd, check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert ranked.returncode == 0, ranked.stderr[-2000:]
+    docs = {name: json.loads((tmp_path / f"out-{name}.json").read_text()) for name in ("single", "0", "1")}
+    assert docs["1"] is None
+    assert len(docs["0"]["settings"]) == 4 and docs["0"] == docs["single"]
+
+
 def test_ranks_that_cannot_meet_end_with_exit_9(tmp_path):
     procs = _launch([str(EXAMPLE), "-q"], tmp_path, HALLWAY_AUDIT_DIST_TIMEOUT="2")
     procs[1].kill()  # rank 1 never shows up
