@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -51,6 +52,9 @@ def ranked_command(command: F) -> F:
             return command(*args, **kwargs)
         if not env.is_root and "quiet" in kwargs:
             kwargs["quiet"] = True
+        elif env.is_root and not kwargs.get("quiet"):
+            sys.stderr.write(f"hallway-audit: rank 0 of {env.world_size} (torchrun): the sweep's settings and the "
+                             "static pass are split across the ranks; the progress below is rank 0's share\n")
         out = run_ranked(env, lambda: command(*args, **kwargs), int)
         # The code is decided: a SIGTERM from torchrun, sent to the slower ranks once a
         # faster one has exited non-zero, must not turn it into 143.

@@ -96,8 +96,6 @@ class Session:
             raise DistributedError(f"rank {env.rank}: could not meet the other {env.world_size - 1} rank(s) at "
                                    f"{where} within {env.timeout_s:g} s: {_one_line(exc)}") from exc
         store = dist.PrefixStore(f"hallway_audit/{env.attempt}/", base)
-        if torch.cuda.is_available() and env.local_rank < torch.cuda.device_count():
-            torch.cuda.set_device(env.local_rank)  # allocations without an explicit index go to this rank's GPU
         session = cls(env, store, group, owns)
         session.beat(force=True)
         return session

@@ -132,5 +132,7 @@ def resolve_device(spec: str) -> torch.device:
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     session = active()
     if spec == "cuda" and session is not None:
-        spec = f"cuda:{session.local_rank}"
+        dev = parse_device(f"cuda:{session.local_rank}")
+        torch.cuda.set_device(dev)  # what runs without an explicit device index runs on this rank's GPU too
+        return dev
     return parse_device(spec)
