@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..audit import FAIL_ON, audit
-from ..distributed import ranked_command
+from ..distributed import ranked_command, worker_rank
 from ..plan import DEFAULT_FORMATS, DEFAULT_LR, DEFAULTS, build_plan
 from ..report.document import as_document
 from ..report.inputs import run_inputs
@@ -128,7 +128,8 @@ def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr
     # one merge and one validation for flags, plan YAML and PEFT config (hallway_audit.plan)
     plan = build_plan(explicit_flags(ctx), plan_file, peft_config, trust_code=trust_plan_code)
     rule_files, dynamic = list(plan.rules), plan.dynamic
-    outputs = prepare_outputs(ctx, run_inputs(  # before any expensive work: a bad output fails now
+    # before any expensive work: a bad output fails now (under torchrun rank 0 alone writes, and checks)
+    outputs = [] if worker_rank() else prepare_outputs(ctx, run_inputs(
         checkpoint, rules=rule_files, plan=plan_file, peft_config=peft_config,
         calib=dynamic.calib if dynamic else None, val=dynamic.val if dynamic else None,
         model=dynamic.model if dynamic else None, loss=dynamic.loss if dynamic else None))
