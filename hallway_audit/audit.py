@@ -251,7 +251,7 @@ def _prepare_dynamic(checkpoint: str | os.PathLike, plan: DynamicPlan, device: t
     else:
         train, val = split_batch(batch, 0.25, plan.burst.seed)
         val_source = f"25% of {plan.calib} (seed {plan.burst.seed})"
-    loaded = build_model(checkpoint, plan.model, device)
+    loaded = build_model(checkpoint, plan.model, device, placement=plan.placement)
     if loaded is None:
         raise UsageError(
             f"{checkpoint}: --calib needs an architecture: a Hugging Face directory (config.json beside the weights) "
@@ -276,16 +276,23 @@ def _run_dynamic(
     psi_target = ruleset.vars.get("psi_target", plan.burst.psi_target)
     beta_floor = ruleset.vars.get("beta_floor", plan.burst.beta_floor)
     options = replace(plan.burst, psi_target=float(psi_target), beta_floor=float(beta_floor))  # type: ignore[arg-type]
-    return run_sweep(
-        prepared.loaded.module,
-        settings=settings,
-        loss_fn=prepared.loss_fn,
-        loss_name=prepared.loss_name,
-        train=prepared.train,
-        val=prepared.val,
-        options=options,
-        model_source=prepared.loaded.source,
-        calib=plan.calib,
-        val_source=prepared.val_source,
-        progress=progress,
-    )
+    placement = prepared.loaded.placement
+    try:
+        result = run_sweep(
+            prepared.loaded.module,
+            settings=settings,
+            loss_fn=prepared.loss_fn,
+            loss_name=prepared.loss_name,
+            train=prepared.train,
+            val=prepared.val,
+            options=options,
+            model_source=prepared.loaded.source,
+            calib=plan.calib,
+            val_source=prepared.val_source,
+            progress=progress,
+        )
+    finally:
+        if placement is not None:
+            placement.close()  # the offload folder: nothing reads the module after the sweep
+    result.placement = placement.to_dict() if placement is not None else None
+    return result

@@ -505,23 +505,27 @@ def memory_lines(estimate: MemoryEstimate) -> list[str]:
 
 
 def check_memory(estimate: MemoryEstimate, hint: str = "") -> None:
-    """Refuse (exit 6, one line with the figures) when a device cannot hold the largest
-    setting; full fine-tuning under a device map gets the bytes it would need."""
+    """Refuse (exit 6, one line with the figures) when a device cannot hold the largest setting,
+    or when a device map offloads weights to disk and a setting trains every parameter (its
+    trained copy, gradients and optimizer states must be in memory: the bytes are named)."""
+    disk = estimate.need("disk").weights
+    if estimate.device_map and disk:
+        for setting in estimate.settings:
+            if setting.full_size:
+                raise ResourceError(full_size_message(setting, disk))
     for device in estimate.devices():
-        if device == "disk":
+        largest = estimate.largest(device)
+        if device == "disk" or largest is None:
             continue
-        setting = estimate.largest(device)
-        if setting is None:
-            continue
-        need = setting.devices[device]
+        need = largest.devices[device]
         can, source = capacity(device, estimate.need(device).weights)
         if need.total <= can:
             continue
-        if estimate.device_map and setting.full_size:
-            raise ResourceError(full_size_message(estimate, setting, device, can, source))
+        if estimate.device_map and largest.full_size:
+            raise ResourceError(full_size_message(largest, 0, device, can, source))
         raise ResourceError(
-            f"setting {setting.setting} needs ~{gib(need.total)} on {device} ({need.parts(setting.optimizer)}) "
-            f"but {device} can hold {gib(can)} ({source}); try {hint or suggestion(estimate, setting)}"
+            f"setting {largest.setting} needs ~{gib(need.total)} on {device} ({need.parts(largest.optimizer)}) "
+            f"but {device} can hold {gib(can)} ({source}); try {hint or suggestion(estimate, largest)}"
         )
 
 
@@ -538,17 +542,18 @@ def suggestion(estimate: MemoryEstimate, setting: SettingNeed) -> str:
     return ", ".join(tips)
 
 
-def full_size_message(estimate: MemoryEstimate, setting: SettingNeed, device: str, can: int, source: str) -> str:
-    """What full fine-tuning would need in memory, in bytes: parameters, gradients, optimizer states."""
+def full_size_message(setting: SettingNeed, disk: int, device: str = "", can: int = 0, source: str = "") -> str:
+    """What training every parameter needs in memory, in bytes: parameters, gradients, optimizer
+    states (and the rest), against what the device map leaves."""
     total = _sum(setting.devices.values())
-    params = sum(n.weights for n in setting.devices.values())
+    rest = total.trainable + total.copies + total.activations
+    why = (f"the device map offloads {disk:,} bytes of weights to disk, and trained weights cannot stay there"
+           if disk else f"{setting.devices[device].total:,} of them on {device}, which can hold {can:,} bytes ({source})")
     return (
-        f"setting {setting.setting} trains every parameter, which a device map cannot offload: it needs "
-        f"{total.total - total.weights + params:,} bytes in memory (parameters {params:,} bytes, gradients "
-        f"{total.gradients:,} bytes, {setting.optimizer} states {total.optimizer_states:,} bytes, trained "
-        f"copies, snapshots and activations {total.trainable + total.copies + total.activations:,} bytes), "
-        f"{setting.devices[device].total:,} of them on {device}, which can hold {can:,} bytes ({source}); "
-        "audit a LoRA setting (--rank 16) instead"
+        f"setting {setting.setting} trains every parameter: it needs {total.total:,} bytes in memory (parameters "
+        f"{total.weights:,} bytes, gradients {total.gradients:,} bytes, {setting.optimizer} states "
+        f"{total.optimizer_states:,} bytes, trained copies, snapshots and activations {rest:,} bytes); {why}: audit "
+        "a LoRA setting (--rank 16), or give --max-memory room for the whole model"
     )
 
 

@@ -31,6 +31,7 @@ _PLAN_PARAMS = {
     "seed": "seed", "per_layer_p": "per_layer_p", "no_early_stop": "no_early_stop", "max_length": "max_length",
     "train_steps": "train_steps", "schedule": "schedule", "warmup": "warmup", "lr_min": "lr_min",
     "lora_base": "lora_base", "quantize": "quantize", "adapter_precision": "adapter_precision", "jobs": "jobs",
+    "device_map": "device_map", "max_memory": "max_memory",
 }
 _COMMA_LISTS = ("precision", "lr", "rank", "sparsity", "act_precision", "rounding", "master_weights", "optimizer")
 
@@ -110,6 +111,16 @@ def explicit_flags(ctx: click.Context) -> dict[str, object]:
               help="Parameters a weight format applies to: auto = all for bf16/fp16, linear weights for coarser formats.")
 @click.option("--adapter-precision", default="fp32", show_default=True, metavar="FORMAT",
               help="Format LoRA adapters are stored in (PEFT: fp32).")
+@click.option("--device-map", "device_map", metavar="auto|balanced|FILE",
+              help="Spread a Hugging Face model over devices with accelerate, for LoRA settings (a setting that trains "
+                   "every parameter must still fit in memory): auto fills GPU 0, 1, ... then the CPU; balanced spreads "
+                   "the weights evenly over the GPUs; FILE maps module names to devices (JSON, e.g. "
+                   "{\"model.layers.0\": 0, \"lm_head\": \"cpu\", \"model.layers.1\": \"disk\"}). "
+                   "Needs hallway-audit[big].")
+@click.option("--max-memory", "max_memory", metavar="DEV=SIZE,...",
+              help="What --device-map may put on each device, e.g. 0=20GiB,cpu=60GiB; add disk to offload what does "
+                   "not fit to a temporary folder (removed afterwards; TMPDIR picks its disk): cpu=8GiB,disk. "
+                   "[default: the free memory of each GPU and the CPU; no disk]")
 @click.option("--plan", "plan_file", metavar="FILE",
               help="Plan YAML with the keys above (flags given on the command line win; a PEFT config wins over the plan).")
 @click.option("--peft-config", metavar="FILE", help="PEFT adapter_config.json: r, target_modules, lora_alpha, use_rslora, rank_pattern.")
@@ -121,7 +132,8 @@ def audit_command(ctx: click.Context, checkpoint, rules, no_rules, precision, lr
                   fail_on, max_rows, device, quiet, calib, val, model_spec, loss_spec, rank, targets, alpha, rslora,
                   sparsity, act_precision, rounding, master_weights, optimizer, steps, samples, p_every, sigma,
                   micro_batch, eval_batch, seed, per_layer_p, no_early_stop, max_length, train_steps, schedule, warmup,
-                  lr_min, lora_base, quantize, adapter_precision, plan_file, peft_config, trust_plan_code):
+                  lr_min, lora_base, quantize, adapter_precision, plan_file, peft_config, trust_plan_code,
+                  device_map, max_memory):
     """Audit CHECKPOINT (.safetensors, sharded index or directory, Hugging Face
     directory, .onnx, .pt/.bin) against the planned formats and rule files; with
     --calib, also run probe bursts of every setting of the sweep."""

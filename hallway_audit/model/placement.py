@@ -191,7 +191,7 @@ def load_placed(
         tie()
     _check_keys(module, path, where)
     budget = {d: b for d, b in spec.max_memory if b is not None}
-    device_map = _device_map(module, spec, where)
+    device_map = _loadable(_device_map(module, spec, where), module)
     _check_devices(device_map, where)
     _check_tied(module, device_map, where)
     weight_bytes = _weight_bytes(module, device_map)
@@ -240,6 +240,33 @@ def load_placed(
     setattr(module, "hf_device_map", dict(device_map))  # noqa: B010  disk kept: the memory estimate reads where weights are stored
     used = dict(budget.items())
     return module, Placement(device_map=dict(device_map), max_memory=used, weight_bytes=weight_bytes, _offload=offload)
+
+
+def _loadable(device_map: dict[str, str], module: nn.Module) -> dict[str, str]:
+    """accelerate's loader takes a map with one device as the device to load every shard onto,
+    which "disk" is not: a map that sends everything to disk is split into submodules and the
+    smallest (one without parameters, such as a rotary embedding, where there is one) runs on the CPU."""
+    if set(device_map.values()) != {DISK}:
+        return device_map
+    expanded = dict(device_map)
+    for _ in range(3):  # model -> model.model, lm_head -> model.model.layers, ...
+        nxt: dict[str, str] = {}
+        for key in expanded:
+            children = [f"{key}.{n}" if key else n for n, _ in module.get_submodule(key).named_children()]
+            own = any(True for _ in module.get_submodule(key).named_parameters(recurse=False))
+            nxt.update(dict.fromkeys(children if children and not own else [key], DISK))
+        expanded = nxt
+        if len(expanded) > 1 and any(_numel(module, k) == 0 for k in expanded):
+            break
+    if len(expanded) < 2:
+        return device_map  # one module holding everything: nothing to split
+    smallest = min(expanded, key=lambda k: _numel(module, k))
+    expanded[smallest] = "cpu"
+    return expanded
+
+
+def _numel(module: nn.Module, name: str) -> int:
+    return sum(p.numel() for p in module.get_submodule(name).parameters())
 
 
 def _accelerate_map(device_map: Mapping[str, str]) -> dict[str, int | str]:

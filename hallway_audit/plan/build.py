@@ -27,6 +27,7 @@ from .values import KEYS, MAX_SETTINGS_DEFAULT, MAX_SETTINGS_ENV, Key, canonical
 
 if TYPE_CHECKING:
     from ..model import LossFn
+    from ..model.placement import PlacementSpec
 
 DEFAULT_FORMATS = ("bf16", "fp8_e4m3")
 DEFAULT_LR = 1e-4
@@ -67,6 +68,7 @@ class DynamicPlan:
     sweep: SweepSpec = field(default_factory=SweepSpec)
     burst: BurstOptions = field(default_factory=BurstOptions)
     max_length: int = 128
+    placement: PlacementSpec | None = None  # --device-map / --max-memory: spread over devices by accelerate
 
 
 @dataclass(frozen=True)
@@ -290,6 +292,7 @@ def _assemble(values: Mapping[str, object], where: Mapping[str, str]) -> AuditPl
             sweep=sweep,
             burst=burst,
             max_length=int(_get(values, "max_length")),  # type: ignore[call-overload]
+            placement=_placement(values, where),
         )
     rules: tuple[str, ...] = () if values.get("no_rules") else tuple(values.get("rules", DEFAULT_RULES))  # type: ignore[arg-type]
     return AuditPlan(
@@ -303,6 +306,19 @@ def _assemble(values: Mapping[str, object], where: Mapping[str, str]) -> AuditPl
         device=str(_get(values, "device")),
         dynamic=dynamic,
     )
+
+
+def _placement(values: Mapping[str, object], where: Mapping[str, str]) -> PlacementSpec | None:
+    """--device-map with its --max-memory budget; a budget alone places nothing."""
+    if "device_map" not in values:
+        if "max_memory" in values:
+            raise UsageError(f"{where['max_memory']} is the budget of --device-map: add --device-map auto (or balanced)")
+        return None
+    from ..model.placement import PlacementSpec
+
+    budget = values.get("max_memory") or {}
+    assert isinstance(budget, dict)
+    return PlacementSpec(str(values["device_map"]), tuple(budget.items()))
 
 
 # --- plans built in Python: the same checks ----------------------------------------------------
@@ -321,6 +337,15 @@ def check_dynamic(dynamic: DynamicPlan, where: str = "dynamic") -> None:
     elif dynamic.loss is not None and not callable(dynamic.loss):
         raise UsageError(f"{where}.loss: expected a loss name, module:function or a function, got {show(dynamic.loss)}")
     check_value("max_length", dynamic.max_length, f"{where}.max_length")
+    if dynamic.placement is not None:
+        from ..model.placement import PlacementSpec
+
+        p = dynamic.placement
+        if not isinstance(p, PlacementSpec):
+            raise UsageError(f"{where}.placement: expected a PlacementSpec, got {show(p)}")
+        check_value("device_map", p.device_map, f"{where}.placement.device_map")
+        if p.max_memory:
+            check_value("max_memory", dict(p.max_memory), f"{where}.placement.max_memory")
     s = dynamic.sweep
     for key in ("precision", "act_precision", "rounding", "master_weights", "rank", "targets", "rslora",
                 "rank_pattern", "lr", "optimizer"):

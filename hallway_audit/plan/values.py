@@ -17,6 +17,7 @@ import re
 import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import ModuleType
 from typing import NoReturn
 
 from ..errors import UsageError
@@ -312,7 +313,17 @@ KEYS: dict[str, Key] = {
     "lora_base": Key(_checker(choice, allowed=LORA_BASES), True),
     "quantize": Key(_checker(choice, allowed=QUANTIZE_SCOPES), False),  # static rules read its scope too
     "adapter_precision": Key(format_name, True),
+    # a model larger than one device (hallway_audit/model/placement.py)
+    "device_map": Key(lambda v, w: _placement().device_map_value(v, w), True),
+    "max_memory": Key(lambda v, w: _placement().max_memory_value(v, w), True),
 }
+
+
+def _placement() -> ModuleType:
+    """model.placement, imported when its keys are used (it brings the model package)."""
+    from ..model import placement
+
+    return placement
 
 
 def canonical_key(key: object, source: str) -> str:

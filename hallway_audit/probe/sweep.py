@@ -40,6 +40,7 @@ class DynamicResult:
     seconds: float
     notes: list[str] = field(default_factory=list)  # for the report's notes: slow paths taken and why
     estimate: SweepEstimate | None = None  # the planned passes, to compare with each setting's cost
+    placement: dict[str, object] | None = None  # --device-map: where the model's modules were put (model/placement.py)
 
 
 def run_sweep(

@@ -218,6 +218,7 @@ def _dynamic_dict(d) -> dict[str, Any]:
         "beta_floor": o.beta_floor,
         # what each device holds for the largest setting, estimated before any burst (hallway_audit.memory)
         "memory": d.estimate.memory.to_dict() if d.estimate is not None and d.estimate.memory is not None else None,
+        "placement": d.placement,  # --device-map: module -> device, the --max-memory budget, weight bytes per place
     }
 
 
