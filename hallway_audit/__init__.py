@@ -21,7 +21,9 @@ from .errors import (
     UsageError,
 )
 from .lattice import Format, Lattice, get_format, list_formats
+from .memory import MemoryEstimate, estimate_memory
 from .metrics import METRICS, Metric
+from .model.placement import PlacementSpec
 from .plan import AuditPlan, build_plan
 from .probe import BurstOptions, DynamicResult, Setting, SettingResult, SweepSpec
 from .recommend import Recommendation
@@ -44,9 +46,11 @@ __all__ = [
     "Gate",
     "HallwayError",
     "Lattice",
+    "MemoryEstimate",
     "Metric",
     "Outcome",
     "OutputError",
+    "PlacementSpec",
     "Recommendation",
     "ResourceError",
     "RuleFileError",
@@ -62,6 +66,7 @@ __all__ = [
     "audit",
     "audit_distributed",
     "build_plan",
+    "estimate_memory",
     "evaluate",
     "get_format",
     "get_formatter",
