@@ -25,7 +25,7 @@ import torch
 from ..errors import DistributedError, ExitCode, HallwayError
 from .env import TIMEOUT_ENV, RankEnv
 
-POLL_S = 0.05  # how often a waiting rank looks at the store
+POLL_S = 0.1  # how often a waiting rank looks at the store
 BEAT_EVERY_S = 1.0  # at most one progress bump (and abort check) per second per rank
 
 
