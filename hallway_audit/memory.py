@@ -150,6 +150,7 @@ class SettingNeed:
     optimizer: str  # 'AdamW', 'SGD': how the line names its states
     full_size: bool  # trains every parameter (full fine-tuning, sparse masks): phi is model-sized
     devices: dict[str, Need]
+    parameter_bytes: int = 0  # the float parameters alone (weights also counts buffers)
 
     def total(self) -> int:
         """Bytes in memory (disk-offloaded weights are not memory)."""
@@ -366,6 +367,7 @@ def estimate_memory(
         out.append(SettingNeed(
             setting=setting.id, optimizer=label, full_size=sub.kind != "lora",
             devices={d: Need(**v) for d, v in sorted(devices.items(), key=lambda kv: _device_order(kv[0]))},
+            parameter_bytes=sum(tensors[p.name].numel() * tensors[p.name].element_size() for p in params),
         ))
     return MemoryEstimate(tuple(out), shape, device_map=bool(getattr(module, "hf_device_map", None)))
 
@@ -546,13 +548,14 @@ def full_size_message(setting: SettingNeed, disk: int, device: str = "", can: in
     """What training every parameter needs in memory, in bytes: parameters, gradients, optimizer
     states (and the rest), against what the device map leaves."""
     total = _sum(setting.devices.values())
-    rest = total.trainable + total.copies + total.activations
+    rest = total.trainable + total.copies + total.activations + total.weights - setting.parameter_bytes  # + buffers
     why = (f"the device map offloads {disk:,} bytes of weights to disk, and trained weights cannot stay there"
            if disk else f"{setting.devices[device].total:,} of them on {device}, which can hold {can:,} bytes ({source})")
     return (
         f"setting {setting.setting} trains every parameter: it needs {total.total:,} bytes in memory (parameters "
-        f"{total.weights:,} bytes, gradients {total.gradients:,} bytes, {setting.optimizer} states "
-        f"{total.optimizer_states:,} bytes, trained copies, snapshots and activations {rest:,} bytes); {why}: audit "
+        f"{setting.parameter_bytes:,} bytes, gradients {total.gradients:,} bytes, {setting.optimizer} states "
+        f"{total.optimizer_states:,} bytes, buffers, trained copies, snapshots and activations {rest:,} bytes); {why}: "
+        "audit "
         "a LoRA setting (--rank 16), or give --max-memory room for the whole model"
     )
 

@@ -216,6 +216,17 @@ def test_check_memory_names_the_figures_and_the_device(monkeypatch):
     assert f"but cpu can hold {est.total - 1} bytes" not in text and "cpu can hold" in text and "try " in text
 
 
+def test_the_refusal_through_the_cli_is_exit_6_and_one_line(capsys, monkeypatch):
+    monkeypatch.setenv(DEVICE_MEMORY_ENV, "1MiB")
+    code = main([str(EXAMPLE), "--calib", str(CALIB), "--rank", "4,full", "--steps", "2", "--samples", "8"])
+    out, err = capsys.readouterr()
+    assert code == ExitCode.RESOURCES and out == "" and err.count("\n") == 1, err
+    assert err.startswith("hallway-audit: error: setting bf16/full/adamw-0.0001 needs ~")
+    assert "gradients" in err and "AdamW states" in err and f"{DEVICE_MEMORY_ENV}=1MiB" in err
+    assert "plan:" not in err  # refused before the static pass and the plan
+
+
+@pytest.mark.slow  # a fresh interpreter: ~20 s on the shared 2-core machine
 def test_the_cli_refuses_with_exit_6_and_one_line_before_any_burst():
     outcome = run_cli([str(EXAMPLE), "--calib", str(CALIB), "--rank", "4,full", "--steps", "2", "--samples", "8",
                        "--format", "json"], env={DEVICE_MEMORY_ENV: "1MiB"})
