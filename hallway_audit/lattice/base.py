@@ -64,8 +64,10 @@ def to_f32(x: Any) -> Tensor:
 
 
 def uniform_like(y: Tensor, generator: torch.Generator | None) -> Tensor:
-    """U[0,1) draws for stochastic rounding, on y's device, from `generator` if given."""
-    return torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)
+    """U[0,1) draws for stochastic rounding, on y's device, from `generator` if given (drawn
+    on the generator's device: under a device map the weights live on several devices)."""
+    device = generator.device if generator is not None else y.device
+    return torch.rand(y.shape, generator=generator, device=device, dtype=torch.float32).to(y.device)
 
 
 def nan_cells(cid: Tensor, y: Tensor) -> Tensor:

@@ -130,10 +130,12 @@ def dict_norm(d: Direction) -> float:
     no float64 copy of a model-sized direction), combined in float64."""
     if not d:
         return 0.0
-    per_tensor = torch.stack([torch.linalg.vector_norm(v) for v in d.values()]).double()
+    first = next(iter(d.values())).device  # a device map spreads the tensors: their norms meet on one device
+    per_tensor = torch.stack([torch.linalg.vector_norm(v).to(first) for v in d.values()]).double()
     norm = float(torch.linalg.vector_norm(per_tensor))
     if math.isinf(norm):  # entries beyond ~1e19 overflow float32 squares
-        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v, dtype=torch.float64) for v in d.values()])))
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v, dtype=torch.float64).to(first)
+                                                           for v in d.values()])))
     return norm
 
 

@@ -297,20 +297,21 @@ class Realization:
         + (I - Q_B Q_B^T) Y Q_A^T. Masks keep their entries; dense parameters are z.
         """
         out = {}
+        drawn = generator.device  # drawn there, used on the weight's device (a device map spreads the weights)
         for name in self.trainable:
             w = self.base[name]
             device = w.device
             if name in self.lora:
                 qa, qb = self._lora_bases(name)
                 ra, rb = qa.shape[1], qb.shape[1]
-                c = torch.randn(rb, ra, generator=generator, device=device)
-                wr = torch.randn(rb, w.shape[1], generator=generator, device=device)
-                y = torch.randn(w.shape[0], ra, generator=generator, device=device)
+                c = torch.randn(rb, ra, generator=generator, device=drawn).to(device)
+                wr = torch.randn(rb, w.shape[1], generator=generator, device=drawn).to(device)
+                y = torch.randn(w.shape[0], ra, generator=generator, device=drawn).to(device)
                 wr = wr - (wr @ qa) @ qa.T
                 y = y - qb @ (qb.T @ y)
                 out[name] = torch.cat([qb, y], 1) @ torch.cat([c @ qa.T + wr, qa.T], 0)
             else:
-                z = torch.randn(w.shape, generator=generator, device=device)
+                z = torch.randn(w.shape, generator=generator, device=drawn).to(device)
                 out[name] = z * self.masks[name] if name in self.masks else z
         return out
 

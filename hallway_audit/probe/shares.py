@@ -138,8 +138,9 @@ class ExampleShares:
     def agrees_with(self, index: Tensor, direct: dict[str, Tensor]) -> bool:
         """Do the shares of these examples point where the direct gradient does?"""
         mine = self.micro_batch(index)
-        a = torch.cat([mine[k].double().flatten() for k in direct])
-        b = torch.cat([direct[k].double().flatten() for k in direct])
+        first = next(iter(direct.values())).device  # one device for the comparison (device maps spread phi)
+        a = torch.cat([mine[k].double().flatten().to(first) for k in direct])
+        b = torch.cat([direct[k].double().flatten().to(first) for k in direct])
         n_mine, n_direct = float(a.norm()), float(b.norm())
         if n_direct == 0.0 or n_mine == 0.0:
             return n_direct == n_mine
