@@ -2,10 +2,11 @@
 
 `torchrun --nproc-per-node N -m hallway_audit CHECKPOINT --calib ...` (or
 `hallway-audit` under any launcher that sets RANK, LOCAL_RANK, WORLD_SIZE,
-MASTER_ADDR and MASTER_PORT) splits the sweep's settings across the ranks; each
-probes its share on cuda:LOCAL_RANK (or the CPU), rank 0 gathers the results as
-plain JSON (nothing is unpickled), evaluates the rules and writes the one report,
-and every rank exits with the same code. With WORLD_SIZE absent or 1 nothing changes.
+MASTER_ADDR and MASTER_PORT) splits the sweep's settings and the static pass's
+tensors across the ranks; each works on cuda:LOCAL_RANK (or the CPU), rank 0 gathers
+the results as plain JSON over gloo (nothing is unpickled), evaluates the rules and
+writes the one report -- the single process's report, byte for byte -- and every
+rank exits with the same code. With WORLD_SIZE absent or 1 nothing changes.
 """
 
 from .api import audit_distributed, ranked_command
