@@ -142,7 +142,8 @@ class WorkerStats:
     tasks: int = 0
     bytes: int = 0
     start_rss: int = 0  # resident memory once it had opened the checkpoint
-    peak_rss: int = 0  # the most it ever held (ru_maxrss)
+    start_peak: int = 0  # the most it had held by then (importing torch, opening)
+    peak_rss: int = 0  # the most it held while measuring (Linux; elsewhere over its life)
 
 
 @dataclass(order=True)
@@ -242,8 +243,22 @@ class _Board:
         return f"measuring tensors {first!r} to {last!r}" if first != last else f"measuring tensor {first!r}"
 
 
-# The worker's command: the parent's import path, then worker.main(socket fd, lifeline fd).
-_BOOT = "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); from hallway_audit.static.worker import main; main()"
+# The worker's program, argv [import path, socket fd, lifeline fd]. The lifeline is watched
+# before anything is imported: a worker whose parent died while it imported torch exits at once.
+_BOOT = """
+import json, os, sys, threading
+def watch(fd):
+    try:
+        while os.read(fd, 1):
+            pass
+    except OSError:
+        pass
+    os._exit(1)
+threading.Thread(target=watch, args=(int(sys.argv[3]),), daemon=True).start()
+sys.path[:0] = json.loads(sys.argv[1])
+from hallway_audit.static.worker import main
+main()
+"""
 
 
 class _Slot:
@@ -307,7 +322,7 @@ class _Slot:
             if msg[0] == "error":
                 self.board.events.put(("error", None, *msg[2:]))
                 return
-            self.stats = WorkerStats(pid=int(msg[1]), start_rss=int(msg[2]))
+            self.stats = WorkerStats(pid=int(msg[1]), start_rss=int(msg[2]), start_peak=int(msg[3]))
             while (task := self.board.take()) is not None:
                 self._send("task", task.tid, task.units)
                 while (msg := self._recv())[0] == "progress":

@@ -7,9 +7,9 @@ plain data (partial.dumps_plain / loads_plain): task numbers, counts and figures
 never pickled objects.
 
 The worker never outlives the audit: it exits when told to stop, when its socket
-closes, and -- from a watchdog thread, even while it measures -- when the lifeline
-pipe from the parent reaches end of file, which the kernel makes happen as soon as
-the parent exits for any reason, SIGKILL included.
+closes, and -- from a watchdog thread started before torch is imported, even while
+it measures -- when the lifeline pipe from the parent reaches end of file, which
+the kernel makes happen as soon as the parent exits for any reason, SIGKILL included.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +38,12 @@ PROGRESS_EVERY_S = 0.1
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory in bytes (0 where the OS does not say)."""
+    """This process's peak resident memory in bytes since reset_peak (Linux: VmHWM), or
+    over its whole life (ru_maxrss); 0 where the OS does not say."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     try:
         import resource
     except ImportError:  # Windows
@@ -46,17 +51,16 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak() -> None:
+    """Start peak_rss afresh (Linux), so it tells what measuring took, not importing torch."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def current_rss() -> int:
     import psutil
 
     return int(psutil.Process().memory_info().rss)
-
-
-def _watch(lifeline: int) -> None:
-    with contextlib.suppress(OSError):
-        while os.read(lifeline, 1):
-            pass
-    os._exit(1)  # the parent is gone (or ended the audit): stop now, mid-tensor if need be
 
 
 def failure(exc: BaseException) -> tuple[str, str, int, str]:
@@ -131,7 +135,8 @@ class _Worker:
                 except Exception as exc:
                     self.send("error", None, -1, *failure(exc))
                     continue
-                self.send("ready", os.getpid(), current_rss())
+                self.send("ready", os.getpid(), current_rss(), peak_rss())
+                reset_peak()
             elif msg[0] == "task":
                 self.task(*msg[1:])
 
@@ -139,9 +144,7 @@ class _Worker:
 def main() -> None:
     """The worker process: `python -c ... main()` with argv [paths, socket fd, lifeline fd]."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent owns Ctrl-C and ends its workers
-    conn, lifeline = Connection(int(sys.argv[2])), int(sys.argv[3])
-    threading.Thread(target=_watch, args=(lifeline,), daemon=True, name="lifeline").start()
-    worker = _Worker(conn)
+    worker = _Worker(Connection(int(sys.argv[2])))  # argv[3], the lifeline, is watched by parallel._BOOT
     try:
         worker.serve()
     finally:
