@@ -29,7 +29,7 @@ from .probe import BurstOptions, DynamicResult, Setting, SettingResult, SweepSpe
 from .recommend import Recommendation
 from .report import get_formatter
 from .rules import Outcome, RuleSet, Subject, evaluate, load_rules
-from .static import StaticResult, run_static
+from .static import StaticPartial, StaticResult, audit_tensors, merge_partials, plan_static, run_static
 
 __all__ = [
     "METRICS",
@@ -57,6 +57,7 @@ __all__ = [
     "RuleSet",
     "Setting",
     "SettingResult",
+    "StaticPartial",
     "StaticResult",
     "Subject",
     "SweepSpec",
@@ -65,6 +66,7 @@ __all__ = [
     "__version__",
     "audit",
     "audit_distributed",
+    "audit_tensors",
     "build_plan",
     "estimate_memory",
     "evaluate",
@@ -72,6 +74,8 @@ __all__ = [
     "get_formatter",
     "list_formats",
     "load_rules",
+    "merge_partials",
     "open_checkpoint",
+    "plan_static",
     "run_static",
 ]
