@@ -366,11 +366,24 @@ from hallway_audit.audit import DynamicPlan
 from hallway_audit.probe import BurstOptions, SweepSpec
 
 example = sys.argv[1]
-result = audit_distributed(example, device="cpu", dynamic=DynamicPlan(
-    calib=os.path.join(example, "calib.safetensors"), sweep=SweepSpec(precision=["bf16", "fp8_e4m3"], rank=[4, 8]),
-    burst=BurstOptions(steps=2, samples=16, micro_batch=4)))
+
+
+def run():
+    result = audit_distributed(example, device="cpu", dynamic=DynamicPlan(
+        calib=os.path.join(example, "calib.safetensors"), sweep=SweepSpec(precision=["bf16", "fp8_e4m3"], rank=[4, 8]),
+        burst=BurstOptions(steps=2, samples=16, micro_batch=4)))
+    return result.to_dict() if result is not None else None
+
+
+docs = [run()]
+if "RANK" in os.environ:  # again inside a process group of the program's own
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    docs.append(run())
+    dist.destroy_process_group()
 with open(f"out-{os.environ.get('RANK', 'single')}.json", "w") as f:
-    json.dump(result.to_dict() if result is not None else None, f, sort_keys=True)
+    json.dump(docs, f, sort_keys=True)
 """
 
 
@@ -385,8 +398,9 @@ def test_audit_distributed_returns_the_whole_sweep_on_rank_0_and_none_elsewhere(
     ranked = subprocess.run(cmd, check=False, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert ranked.returncode == 0, ranked.stderr[-2000:]
     docs = {name: json.loads((tmp_path / f"out-{name}.json").read_text()) for name in ("single", "0", "1")}
-    assert docs["1"] is None
-    assert len(docs["0"]["settings"]) == 4 and docs["0"] == docs["single"]
+    assert docs["1"] == [None, None]
+    assert len(docs["0"][0]["settings"]) == 4
+    assert docs["0"] == [docs["single"][0], docs["single"][0]]  # in its own group and in the program's
 
 
 def test_ranks_that_cannot_meet_end_with_exit_9(tmp_path):

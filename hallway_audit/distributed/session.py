@@ -112,8 +112,11 @@ class Session:
                     time.sleep(POLL_S)
         except Exception:  # the others are gone already: nothing left to wait for
             pass
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if dist.is_initialized():
+            if self._owns_group:
+                dist.destroy_process_group()
+            elif self.group is not None:  # ours, inside a program's own process group
+                dist.destroy_process_group(self.group)
 
     # ------------------------------------------------------------------ store
     def _store(self, what: str, fn: Callable[[], Any]) -> Any:
