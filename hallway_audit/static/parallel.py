@@ -46,9 +46,10 @@ from typing import IO, Any, Literal
 
 import torch
 
-from .. import errors, interrupt
+from .. import errors, interrupt, limits
 from ..checkpoint import Checkpoint
 from ..errors import HallwayError, ResourceError
+from . import measure
 from .audit import Cursor, Progress, measure_units
 from .partial import Merger, UnitResult, dumps_plain, loads_plain, unit_from_plain
 from .plan import StaticPlan
@@ -120,7 +121,8 @@ def make_tasks(plan: StaticPlan, jobs: int) -> list[Task]:
 def parallel_jobs(checkpoint: Checkpoint, plan: StaticPlan, jobs: int, device: str | torch.device) -> int:
     """How many processes to use for `jobs`: 1 (in-process) unless it pays and workers
     can reopen the checkpoint: a CPU audit, a built-in safetensors reader, at least
-    PARALLEL_FROM_MB, and at least two tasks."""
+    PARALLEL_FROM_MB, and at least two tasks; never more than the tasks, nor than the
+    available memory holds."""
     if jobs <= 1 or torch.device(device).type != "cpu":
         return 1
     if checkpoint.kind not in _READERS or not type(checkpoint).__module__.startswith("hallway_audit.checkpoint."):
@@ -131,7 +133,21 @@ def parallel_jobs(checkpoint: Checkpoint, plan: StaticPlan, jobs: int, device: s
         return 1
     if plan.total_bytes < parallel_from_bytes():
         return 1
-    return max(1, min(jobs, len(make_tasks(plan, jobs))))
+    return max(1, min(jobs, len(make_tasks(plan, jobs)), _room_for(plan)))
+
+
+# What a worker holds besides the tensor it measures: the interpreter with torch imported.
+WORKER_BASE_BYTES = 300 * 1024 * 1024
+
+
+def _room_for(plan: StaticPlan) -> int:
+    """Processes the host's available memory holds (the parent's included), each with torch
+    and the largest tensor's measurement (five float32 copies for scaled formats, as
+    audit._check_fits counts them; plain formats stream in chunks)."""
+    largest = max((i.numel for i in plan.infos), default=0)
+    each = WORKER_BASE_BYTES + (5 * 4 * largest if not plan.batchable else 4 * measure.CHUNK * 8)
+    available, _ = limits.available_memory("cpu")
+    return 1 + int(available // each)
 
 
 @dataclass
