@@ -7,18 +7,21 @@ one bit for bit (float sums included) however the units were split: across
 --jobs worker processes, or across torchrun ranks.
 
 Partials travel between processes as plain data (to_plain / from_plain: ints,
-floats, strings, bytes, tuples, lists, dicts), never as pickled objects, so the
-receiving side can load them with a pickle that refuses every class (loads_plain).
+floats, strings, lists, dicts; JSON-safe, histograms as base64), never as pickled
+objects, so the receiving side can load them as JSON or with a pickle that refuses
+every class (loads_plain).
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .plan import StaticPlan, dtype_name
@@ -50,7 +53,7 @@ class StaticPartial:
     plan: StaticPlan | None = field(default=None, repr=False, compare=False)
 
     def to_plain(self) -> tuple[Any, ...]:
-        """Plain data (dumps_plain / loads_plain, torch.distributed's gather_object)."""
+        """Plain, JSON-safe data (json.dumps, or dumps_plain / loads_plain); from_plain reads it back."""
         return self.fingerprint, self.lr, [unit_to_plain(u) for u in self.units.values()]
 
     @classmethod
@@ -62,18 +65,20 @@ class StaticPartial:
 # --- plain data ------------------------------------------------------------------------
 
 
-def _hist_to_plain(h: Histogram) -> tuple[bytes | None, dict[int, int]]:
+def _hist_to_plain(h: Histogram) -> tuple[str | None, dict[int, int]]:
     dense = h._dense
-    return (None if dense is None else dense.contiguous().numpy().tobytes()), dict(h._sparse)
+    packed = None if dense is None else base64.b64encode(dense.contiguous().numpy().astype("<i8").tobytes()).decode()
+    return packed, dict(h._sparse)
 
 
 def _hist_from_plain(data: Any) -> Histogram:
     dense, sparse = data
     h = Histogram()
     if dense is not None:
-        if len(dense) != HIST_BINS * 8:
-            raise ValueError(f"a dense histogram has {HIST_BINS} int64 bins, got {len(dense)} bytes")
-        h._dense = torch.frombuffer(bytearray(dense), dtype=torch.int64)
+        raw = base64.b64decode(dense, validate=True)
+        if len(raw) != HIST_BINS * 8:
+            raise ValueError(f"a dense histogram has {HIST_BINS} int64 bins, got {len(raw)} bytes")
+        h._dense = torch.from_numpy(np.frombuffer(raw, dtype="<i8").astype(np.int64))
     h._sparse = {int(k): int(v) for k, v in sparse.items()}
     return h
 
