@@ -94,7 +94,8 @@ def main() -> None:
     for label, r, _ in runs:
         for w in r["workers"]:
             print(f"  {label} worker {w['pid']}: {w['tasks']} tasks, {w['bytes'] / 1e6:.0f} MB, RSS {w['start_rss'] / 1e6:.0f} MB "
-                  f"after opening the checkpoint, peak {w['peak_rss'] / 1e6:.0f} MB")
+                  f"after opening the checkpoint, peak while measuring {w['peak_rss'] / 1e6:.0f} MB "
+                  f"(+{(w['peak_rss'] - w['start_rss']) / largest:.1f} x the largest tensor)")
     same = all(filecmp.cmp(runs[0][2], report, shallow=False) for _, _, report in runs[1:])
     print(f"reports byte-identical across runs: {same}; exit codes {[r['code'] for _, r, _ in runs]}; "
           f"load average after {os.getloadavg()[0]:.2f} (formats {args.formats})")

@@ -10,7 +10,7 @@ from ..plan import DEFAULT_FORMATS, DEFAULT_LR, DEFAULTS, build_plan
 from ..report.document import as_document
 from ..report.inputs import run_inputs
 from ..static.audit import available_cpus
-from ..static.parallel import PARALLEL_FROM_ENV, PARALLEL_FROM_MB
+from ..static.parallel import PARALLEL_FROM_ENV, PARALLEL_FROM_MB, SCALED_DIVISOR
 from .app import cli
 from .outputs import emit, output_options, prepare_outputs
 from .progress import run_progress
@@ -64,8 +64,10 @@ def explicit_flags(ctx: click.Context) -> dict[str, object]:
 @click.option("--spectral", is_flag=True, help="Also compute stable and effective rank of each weight matrix (slower).")
 @click.option("--jobs", "jobs", type=int, metavar="N",
               help=f"Processes for the static audit; the report is the same for any N. A CPU audit of safetensors "
-                   f"under {PARALLEL_FROM_MB} MB runs in one process (starting a worker costs about 2 s; set "
-                   f"{PARALLEL_FROM_ENV} to change). [default: the CPUs available, {available_cpus()} here]")
+                   f"under {PARALLEL_FROM_MB} MB ({PARALLEL_FROM_MB // SCALED_DIVISOR} MB with a scaled format such as "
+                   f"int8) runs in one process: a worker takes 2-4 s to start, which smaller checkpoints do not win "
+                   f"back (measured by bench/static_jobs.py; {PARALLEL_FROM_ENV} changes it). Other formats and GPU "
+                   f"audits run in one process. [default: the CPUs available, {available_cpus()} here]")
 @output_options
 @click.option("--fail-on", type=click.Choice(FAIL_ON), default="error", show_default=True,
               help="Lowest severity that fails the gate (exit 1).")

@@ -172,7 +172,7 @@ def run_static(
     """Every float tensor of `checkpoint` against `formats`, per layer and for the model.
 
     `jobs` > 1 measures in that many processes (parallel.py) when it pays: a CPU
-    audit of a safetensors checkpoint of at least parallel.PARALLEL_FROM_MB; the
+    audit of a safetensors checkpoint of at least parallel.parallel_from_bytes; the
     result is the same as with jobs=1.
     """
     start = time.perf_counter()

@@ -23,7 +23,8 @@ parent ends every worker before the parent exits, and a worker whose parent
 vanished exits by itself (worker.py's lifeline).
 
 Only where it pays: a CPU audit of safetensors files (memory-mapped, so a worker
-opens them in milliseconds) of at least PARALLEL_FROM_MB.
+opens them in milliseconds) of at least PARALLEL_FROM_MB (a quarter of it with a
+scaled format).
 """
 
 from __future__ import annotations
@@ -55,11 +56,14 @@ from .partial import Merger, UnitResult, dumps_plain, loads_plain, unit_from_pla
 from .plan import StaticPlan
 from .result import StaticResult
 
-# Below this a checkpoint is audited in one process: a worker costs about 2 s to start
-# (torch's import in the forkserver) and the parent alone reads ~100-300 MB/s, so smaller
-# checkpoints gain little; measured with bench/static_jobs.py (see its table in bench/README.md).
+# Below this a checkpoint is audited in one process. A worker takes 1.5-4 s to start (a
+# fresh interpreter importing torch) while the parent alone measures 100-300 MB/s of plain
+# formats, 20-60 MB/s with a scaled one: bench/static_jobs.py on 2 busy cores (load 5) put
+# the break-even near 0.5 GB with bf16,fp8_e4m3 (0.34 GB: 1.4x slower in parallel; 0.5 GB:
+# even; 1.34 GB: 1.2x faster) and below 0.34 GB with int8 (1.15x faster there).
 PARALLEL_FROM_ENV = "HALLWAY_AUDIT_PARALLEL_FROM_MB"
-PARALLEL_FROM_MB = 256
+PARALLEL_FROM_MB = 512
+SCALED_DIVISOR = 4  # with a scaled format (int8, nf4, mx*...): from PARALLEL_FROM_MB / 4
 MAX_JOBS = 1024
 _READERS = ("safetensors", "safetensors-sharded", "hf")  # reopened by name in the workers
 # Tasks: about TASKS_PER_JOB per process for balance, each between these sizes; a task of
@@ -70,7 +74,14 @@ MAX_TASK_TENSORS = 2048
 _JOIN_S = 2.0
 
 
-def parallel_from_bytes() -> int:
+def parallel_from_bytes(plan: StaticPlan | None = None) -> int:
+    """The checkpoint size from which --jobs starts workers: PARALLEL_FROM_MB (or the
+    environment's), a quarter of it when a format is scaled (each byte costs ~4x more)."""
+    base = _parallel_from_env()
+    return base // SCALED_DIVISOR if plan is not None and not plan.batchable else base
+
+
+def _parallel_from_env() -> int:
     raw = os.environ.get(PARALLEL_FROM_ENV, "").strip()
     if raw:
         try:
@@ -121,8 +132,8 @@ def make_tasks(plan: StaticPlan, jobs: int) -> list[Task]:
 def parallel_jobs(checkpoint: Checkpoint, plan: StaticPlan, jobs: int, device: str | torch.device) -> int:
     """How many processes to use for `jobs`: 1 (in-process) unless it pays and workers
     can reopen the checkpoint: a CPU audit, a built-in safetensors reader, at least
-    PARALLEL_FROM_MB, and at least two tasks; never more than the tasks, nor than the
-    available memory holds."""
+    parallel_from_bytes(plan), and at least two tasks; never more than the tasks, nor
+    than the available memory holds."""
     if jobs <= 1 or torch.device(device).type != "cpu":
         return 1
     if checkpoint.kind not in _READERS or not type(checkpoint).__module__.startswith("hallway_audit.checkpoint."):
@@ -131,7 +142,7 @@ def parallel_jobs(checkpoint: Checkpoint, plan: StaticPlan, jobs: int, device: s
         return 1
     if os.name != "posix":  # workers get their pipes by file descriptor (subprocess pass_fds)
         return 1
-    if plan.total_bytes < parallel_from_bytes():
+    if plan.total_bytes < parallel_from_bytes(plan):
         return 1
     return max(1, min(jobs, len(make_tasks(plan, jobs)), _room_for(plan)))
 
