@@ -214,18 +214,19 @@ def test_color_only_on_a_terminal(mlp):
 
 
 def test_a_sweep_passes_the_gate_when_one_setting_passes(capsys):
-    """bf16 at lr 1e-6 without master weights rounds every step away (errors); with fp32
-    master weights the sub-ULP steps accumulate: the plan can train."""
-    common = [str(EXAMPLE), "--calib", str(EXAMPLE / "calib.safetensors"), "--precision", "bf16", "--lr", "1e-6",
+    """bf16 at lr 1e-5 without master weights rounds almost every step away (errors); with
+    fp32 master weights the sub-ULP steps accumulate: the plan can train."""
+    common = [str(EXAMPLE), "--calib", str(EXAMPLE / "calib.safetensors"), "--precision", "bf16", "--lr", "1e-5",
               "--steps", "2", "--samples", "8", "-q"]
+    stuck = ("loss-does-not-drop", "weights-do-not-cross-cells")
     code, out, _ = run(capsys, *common, "--master-weights", "none", "--format", "json")
     doc = json.loads(out)
-    assert code == 1 and any(f["rule"] == "weights-do-not-cross-cells" for f in doc["findings"])
+    assert code == 1 and any(f["rule"] in stuck for f in doc["findings"])
     code, out, _ = run(capsys, *common, "--master-weights", "none,fp32", "--format", "json")
     doc = json.loads(out)
     assert code == 0 and doc["gate"]["reason"] == "1 of 2 probed settings pass"
-    assert doc["recommendation"]["setting"] == "bf16/full/adamw-1e-06"
-    assert any(f["setting"] == "bf16/nomaster/full/adamw-1e-06" and f["severity"] == "error" for f in doc["findings"])
+    assert doc["recommendation"]["setting"] == "bf16/full/adamw-1e-05"
+    assert any(f["setting"] == "bf16/nomaster/full/adamw-1e-05" and f["severity"] == "error" for f in doc["findings"])
     code, xml, _ = run(capsys, *common, "--master-weights", "none,fp32", "--format", "junit")
     root = ET.fromstring(xml)
     assert code == 0 and root.get("failures") == "0"  # the XML agrees with the exit code

@@ -157,45 +157,31 @@ class RunForecast:
 STALL_EFFICIENCY = 0.5
 
 
-def _log_uniform_above(lo: float, hi: float, threshold: np.ndarray) -> np.ndarray:
-    """P(x >= threshold) for x log-uniform on [lo, hi)."""
-    with np.errstate(divide="ignore"):
-        return np.clip(np.log(hi / threshold) / math.log(hi / lo), 0.0, 1.0)
-
-
 def rounding_efficiency(hist: Sequence[float], scales: Scales) -> np.ndarray:
-    """eta(s): the fraction of the optimizer's intended step that nearest rounding realizes
-    when every step is s times the histogram's (|delta| / ULP, log-uniform within a bin):
-    E[round(r s)] / E[r s], with round(x) = floor(x + 1/2) ULPs moved on the lattice.
+    """eta(s): the mean over weights of the fraction of its intended step that nearest
+    rounding realizes, when every step is s times the histogram's (|delta| / ULP,
+    log-uniform within a bin): E[round(r s) / (r s)], round(x) = floor(x + 1/2) ULPs.
 
-    A step below half a ULP realizes nothing, one of 0.7 ULP realizes a whole ULP: the
-    ratio is what the stored weights actually travel per unit of intended travel."""
+    Adam's steps are about lr in size whatever the weight's magnitude, so each weight's
+    intended step counts alike: a small weight with a fine ULP (large r) moves, a large
+    one (r < 1/2) realizes nothing. Per bin, with x = r s on [a, b):
+    E[floor(x + 1/2) / x] = sum_k (1 / max(a, k - 1/2) - 1 / b)^+ / ln(b / a), exact."""
     s = np.asarray(scales, dtype=np.float64)
     total = float(sum(hist))
     out = np.zeros(len(s))
-    if total <= 0 or not len(s):
+    positive = s > 0
+    if total <= 0 or not positive.any():
         return out
-    # a long run repeats few distinct scales at the resolution that matters: evaluate on a
-    # log grid and interpolate (eta varies smoothly in log s)
-    positive = s[s > 0]
-    if not len(positive):
-        return out
-    grid = np.geomspace(positive.min(), positive.max(), 257) if positive.min() < positive.max() else positive[:1]
-    real = np.zeros(len(grid))
-    ideal = np.zeros(len(grid))
+    values = np.zeros(int(positive.sum()))
     for count, lo, hi in zip(hist, _LOWS, _HIGHS, strict=True):
         if not count:
             continue
-        # E[floor(x + 1/2)] = sum_k P(x >= k - 1/2) for x = r s >= 0
-        top = math.ceil(hi * float(grid.max()) + 0.5)
-        ks = np.arange(1, top + 1, dtype=np.float64) - 0.5
-        real += count * _log_uniform_above(lo, hi, ks[None, :] / grid[:, None]).sum(axis=1)
-        ideal += count * grid * (hi - lo) / math.log(hi / lo)
-    eta_grid = np.where(ideal > 0, real / np.where(ideal > 0, ideal, 1.0), 0.0)
-    if len(grid) == 1:
-        out[s > 0] = eta_grid[0]
-        return out
-    out[s > 0] = np.interp(np.log(s[s > 0]), np.log(grid), eta_grid)
+        a, b = lo * s[positive], hi * s[positive]
+        top = math.ceil(float(b.max()) + 0.5)
+        halves = np.arange(1, top + 1, dtype=np.float64) - 0.5  # k - 1/2 for k = 1 .. top
+        terms = 1.0 / np.maximum(a[:, None], halves[None, :]) - 1.0 / b[:, None]
+        values += count * np.clip(terms, 0.0, None).sum(axis=1) / math.log(hi / lo)
+    out[positive] = values / total
     return out
 
 
