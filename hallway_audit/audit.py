@@ -167,9 +167,10 @@ def audit(
     with open_checkpoint(checkpoint) as ckpt:
         if ranked:
             own = static_share(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=progress)
-        else:
-            static = run_static(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=progress,
-                                jobs=plan.jobs if plan.jobs is not None else available_cpus())
+        else:  # a small checkpoint is measured on one CPU thread, like a small model's bursts (threads.py)
+            with cpu_threads(sum(i.numel for i in ckpt.infos()), dev):
+                static = run_static(ckpt, formats, lr, spectral=plan.spectral, device=dev, progress=progress,
+                                    jobs=plan.jobs if plan.jobs is not None else available_cpus())
         kind, infos = ckpt.kind, ckpt.infos()
     if worker_rank():
         if prepared is not None and dynamic is not None:
