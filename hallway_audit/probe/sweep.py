@@ -71,7 +71,8 @@ def run_sweep(
     # process) and rank 0 gathers every result; its display shows its own share.
     mine = sweep_share(settings, [s.least.units for s in estimate.settings])
     if progress is not None:
-        progress(replace(estimate, settings=tuple(estimate.settings[i] for i in mine)))  # the plan, before any pass
+        shown = estimate if len(mine) == len(settings) else replace(estimate, settings=tuple(estimate.settings[i] for i in mine))
+        progress(shown)  # the plan, before any pass
     watched = watch_progress(progress)
     # Each setting decides for itself whether the loss splits by example (SharesVerdict):
     # its numbers are then the same whichever settings ran before it, on whichever rank.
