@@ -3,15 +3,18 @@
 
 The model follows what a burst keeps alive (probe/burst.py, probe/pt.py, probe/realize.py),
 setting by setting (settings run one after another, so a sweep needs its largest setting),
-parameter by parameter (so a device map splits it by where each weight lives):
+parameter by parameter (so a device map splits it by where each weight lives), in the two
+phases that peak: the gradient of the whole training split (at the burst's start and at every
+later p_t state: the largest forward with autograd) and p_t's sampling (the most tensors
+alive). A device needs the larger of the two; its parts are reported:
 
 * weights: the module's parameters and buffers in the dtype they are held in (float32:
   every LoadedModel is float32); disk-offloaded weights are memory-mapped, so they cost no
   memory here ("disk");
-* gradients: dL/dW of every weight in float32 (psi and psi_rank read all of them), up to
-  ALL_GRADIENTS of them at once (a step's, still referenced while p_t runs; p_t's split
-  gradient; its held-out gradient), and TRAINED_GRADIENTS of the trained weights (a p_t
-  sample's g_b; the first state's split gradient, kept through the burst);
+* gradients: dL/dW of every weight in float32 (psi and psi_rank read all of them): while p_t
+  samples, three of them at once (a step's, still referenced; p_t's split gradient; its
+  held-out gradient) and one more of the trained weights (a sample's g_b); two while the
+  split gradient is taken;
 * optimizer states: AdamW keeps 2 float32 numbers per trained number (exp_avg,
   exp_avg_sq), SGD with momentum 1;
 * trainable: phi (LoRA adapters, or every parameter for full and sparse fine-tuning) in
@@ -20,12 +23,16 @@ parameter by parameter (so a device map splits it by where each weight lives):
   state), sparse masks (1 byte per target element) and LoRA's per-example adapter
   gradients (one phi per training example: p_t's optimizer proposals);
 * copies: the rounded copy a weight format makes of every frozen weight it applies to (the
-  frozen Q(W0)) and two of every trained one (the realized weights of a step and of a p_t
-  move), WORKING_COPIES W-space copies of the trained weights (stored, proposed and next
-  weights of a step, the burst's start; p_t's stored weights, signal, noise, direction,
-  move and moved weights), and AdamW's preconditioner (one number per trained number) in p_t;
-* activations: the largest forward with autograd (the whole training split's gradient,
-  one pass) or without (the evaluation batch), from the model's linear layers (below).
+  frozen Q(W0)) and, in p_t, two of every trained one (the realized weights of a step and of
+  a p_t move), AdamW's preconditioner (one number per trained number) and W-space copies of
+  the trained weights (stored, proposed and next weights of a step, the burst's start; p_t's
+  stored weights, signal, noise, direction, move and moved weights): WORKING_COPIES;
+* activations: the training split's forward and backward, or in p_t the larger of a
+  micro-batch's forward and backward and an evaluation forward, from the linear layers (below);
+* activation cells: beta_eff's int64 cell id of every output of the probed linear layers
+  (the trained ones; every linear layer for full fine-tuning) on the evaluation batch, two
+  steps' worth. For a 7B Llama with --eval-batch 16 at 512 tokens that is ~150 GB: the term
+  that grows fastest with the model.
 
 Activations. Autograd saves the input of every linear layer and of the elementwise ops
 between them (norms, activation functions, residuals, rotary embeddings); measured with
@@ -70,16 +77,20 @@ DEVICE_MEMORY_ENV = "HALLWAY_AUDIT_DEVICE_MEMORY"
 FLOAT32 = 4
 SAVED_PER_LINEAR = 1.15  # saved activations per token, x 4 bytes x sum of linear (in + out): measured 1.08-1.13
 LOGITS = 2.5  # logits and log-softmax per token, x 4 bytes x the widest linear output: measured 1.5-2.5
-# Gradients alive at once while p_t samples: of every weight, and of the trained weights.
-ALL_GRADIENTS = 3
-TRAINED_GRADIENTS = 1
-# W-space copies of the trained weights alive at once beyond the gradients: fitted to
-# peak_allocated over whole sweeps (2 steps, p_t at 2 states x 8 samples, 12 x 32 tokens) of a
-# Llama of 7.3M parameters (hidden 256, 4 layers, vocab 8000): 8.6 copies for full fine-tuning,
-# 8.9 for LoRA r8 (fp32 and bf16 alike); on one of 24.9M (hidden 384, 8 layers, vocab 16000)
-# LoRA r8 in bf16 needed 10. Rounded up; bench/memory_model.py prints estimate / peak, and
-# tests/test_memory.py keeps a tiny Llama's between 1.0 and its TOLERANCE.
-WORKING_COPIES = 11
+# beta_eff's activation cells: an int64 cell id per output element of every probed linear layer on
+# the evaluation batch, kept for the step before and the step after (burst.py's prev_cells, cells).
+CELL_BYTES = 8
+CELL_COPIES = 2
+# W-space copies of the trained weights alive while p_t samples, beyond gradients, phi, its
+# snapshots, optimizer states and preconditioner. Counted among the live tensors at a p_t sample
+# (gc, a Llama of 7.3M parameters: hidden 256, 4 layers, vocab 8000): 8 for full fine-tuning,
+# 11 for LoRA (whose moves are made in W space: merged W0 + s B A); fitted to torch.profiler
+# peaks of whole sweeps (2 steps, p_t at 2 states x 8 samples, 12 x 32 tokens) on that model
+# and on one of 24.9M (hidden 384, 8 layers, vocab 16000), rounded up so that no peak exceeds
+# its estimate: bench/memory_model.py prints peak / estimate; tests/test_memory.py keeps a tiny
+# Llama's between 1/TOLERANCE and 1.
+WORKING_COPIES = {"full": 10, "sparse": 10, "lora": 13}
+SPLIT_COPIES = 2  # while the split gradient is taken: the stored weights and the burst's start
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -123,6 +134,7 @@ class Need:
     trainable: int = 0
     copies: int = 0
     activations: int = 0
+    activation_cells: int = 0
 
     @property
     def total(self) -> int:
@@ -138,7 +150,7 @@ class Need:
         """'weights 1.2 GiB, gradients 2.4 GiB, AdamW states ...' (zero parts left out)."""
         names = {"weights": "weights", "gradients": "gradients", "optimizer_states": f"{optimizer} states",
                  "trainable": "trained parameters and snapshots", "copies": "rounded and working copies",
-                 "activations": "activations"}
+                 "activations": "activations", "activation_cells": "activation cells"}
         return ", ".join(f"{names[f.name]} {gib(getattr(self, f.name))}" for f in fields(self) if getattr(self, f.name))
 
 
@@ -244,7 +256,7 @@ class MemoryEstimate:
                                  "linear_width": self.shape.linear_width, "head_width": self.shape.head_width,
                                  "block_width": self.shape.block_width},
             "model": f"hallway_audit.memory: saved activations {SAVED_PER_LINEAR} x sum(linear in+out), logits "
-                     f"{LOGITS} x widest output, {WORKING_COPIES} working copies of the trained weights",
+                     f"{LOGITS} x widest output, working copies of the trained weights {WORKING_COPIES}",
         }
 
 
@@ -310,13 +322,18 @@ def estimate_memory(
     shape = ActivationShape.of(module, tokens_per_example)
     states = len(pt_states(options.steps, options.p_every))
     eval_examples = min(options.eval_batch, train_examples)
-    grad_examples = max(train_examples, min(options.eval_batch, val_examples), min(options.micro_batch, train_examples))
-    activation_total = max(shape.with_grad(grad_examples), shape.without_grad(eval_examples))
-    compute_bytes: dict[str, int] = {}
+    micro_examples = min(options.micro_batch, train_examples)
+    held_out = min(options.eval_batch, val_examples)
+    # the split gradient (and the held-out one, in p_t's setup) against p_t's passes
+    split_act = shape.with_grad(max(train_examples, held_out))
+    sample_act = max(shape.with_grad(micro_examples), shape.without_grad(eval_examples))
+    compute_numel: dict[str, int] = {}
     for p in params:
         cd = places[p.name][1]
-        compute_bytes[cd] = compute_bytes.get(cd, 0) + _numel(p.shape)
-    all_numel = max(1, sum(compute_bytes.values()))
+        compute_numel[cd] = compute_numel.get(cd, 0) + _numel(p.shape)
+    all_numel = max(1, sum(compute_numel.values()))
+    eval_tokens = eval_examples * shape.tokens_per_example
+    linear = {p.name for p in params if p.linear}
 
     out = []
     for setting in settings:
@@ -324,49 +341,62 @@ def estimate_memory(
         fmt_rounds = get_format(prec.weights).name != "fp32"
         cast_all = prec.applies_to_all()
         targets = {p.name for p in select_targets(list(params), sub.targets)} if sub.kind in ("lora", "sparse") else set()
+        # the linear layers whose outputs beta_eff reads: the trained ones (run_burst's `probed`)
+        probed = (targets & linear if sub.kind == "lora" else linear) or linear
         per_state = 2 if opt.kind == "adamw" else (1 if opt.momentum else 0)
-        devices: dict[str, dict[str, int]] = {}
+        working = WORKING_COPIES[sub.kind]
+        split: dict[str, dict[str, int]] = {}  # device -> part -> bytes, while the split gradient is taken
+        sample: dict[str, dict[str, int]] = {}  # ... while p_t samples
 
-        def add(device: str, part: str, n: int, devices: dict[str, dict[str, int]] = devices) -> None:
-            slot = devices.setdefault(device, {})
-            slot[part] = slot.get(part, 0) + int(n)
+        def add(device: str, part: str, n: int, *phases: dict[str, dict[str, int]]) -> None:
+            for phase in phases:
+                slot = phase.setdefault(device, {})
+                slot[part] = slot.get(part, 0) + int(n)
 
+        both = (split, sample)
         for p in params:
             stored, cd = places[p.name]
             n = _numel(p.shape)
-            t = tensors[p.name]
-            add(stored, "weights", n * t.element_size())
+            add(stored, "weights", n * tensors[p.name].element_size(), *both)
             lora = sub.kind == "lora" and p.name in targets
             trained_w = sub.kind != "lora" or lora  # trained in W space: every weight, or a LoRA target
             if sub.kind == "lora":
                 phi = min(sub.rank_for(p.layer), *p.shape) * (p.shape[0] + p.shape[1]) if lora else 0
             else:
                 phi = n
-            add(cd, "gradients", FLOAT32 * n * (ALL_GRADIENTS + (TRAINED_GRADIENTS if trained_w else 0)))
-            add(cd, "optimizer_states", FLOAT32 * per_state * phi)
-            trainable = FLOAT32 * phi * (3 + states)
+            add(cd, "optimizer_states", FLOAT32 * per_state * phi, *both)
+            trainable = FLOAT32 * phi * (3 + states)  # phi, the burst's start and end, a snapshot per state
             if sub.kind == "sparse" and p.name in targets:
                 trainable += n  # the bool mask
             if lora:
                 trainable += FLOAT32 * phi * train_examples  # per-example adapter gradients
-            add(cd, "trainable", trainable)
+            add(cd, "trainable", trainable, *both)
             rounds = fmt_rounds and (cast_all or p.linear)
-            copies = FLOAT32 * phi if opt.kind == "adamw" else 0  # p_t's preconditioner
             if rounds and (sub.kind == "lora" or not trained_w):
-                copies += FLOAT32 * n  # the frozen base rounded once: Q(W0)
-            if rounds and trained_w and sub.kind != "lora":
-                copies += 2 * FLOAT32 * n  # the realized weights of a step and of a p_t move
+                add(cd, "copies", FLOAT32 * n, *both)  # the frozen base rounded once: Q(W0)
+            add(cd, "gradients", FLOAT32 * n * 2, split)
+            add(cd, "gradients", FLOAT32 * n * (3 + (1 if trained_w else 0)), sample)
+            copies = FLOAT32 * phi if opt.kind == "adamw" else 0  # p_t's preconditioner
             if trained_w:
-                copies += FLOAT32 * n * WORKING_COPIES
-            add(cd, "copies", copies)
+                add(cd, "copies", FLOAT32 * n * SPLIT_COPIES, split)
+                copies += FLOAT32 * n * (working + (2 if rounds and sub.kind != "lora" else 0))
+            add(cd, "copies", copies, sample)
+            if p.name in probed:
+                cells = CELL_BYTES * eval_tokens * p.shape[0]
+                add(cd, "activation_cells", cells * CELL_COPIES, split)
+                add(cd, "activation_cells", cells, sample)
         for device, nbytes in buffers.items():
-            add(device, "weights", nbytes)
-        for device, n in compute_bytes.items():  # activations where the layers run, by their share
-            add(device, "activations", activation_total * n // all_numel)
-        label = "AdamW" if opt.kind == "adamw" else "SGD momentum"
+            add(device, "weights", nbytes, *both)
+        for device, n in compute_numel.items():  # activations where the layers run, by their share
+            add(device, "activations", split_act * n // all_numel, split)
+            add(device, "activations", sample_act * n // all_numel, sample)
+        devices = {}
+        for device in sorted(set(split) | set(sample), key=_device_order):
+            a, b = Need(**split.get(device, {})), Need(**sample.get(device, {}))
+            devices[device] = a if a.total > b.total else b
         out.append(SettingNeed(
-            setting=setting.id, optimizer=label, full_size=sub.kind != "lora",
-            devices={d: Need(**v) for d, v in sorted(devices.items(), key=lambda kv: _device_order(kv[0]))},
+            setting=setting.id, optimizer="AdamW" if opt.kind == "adamw" else "SGD momentum",
+            full_size=sub.kind != "lora", devices=devices,
             parameter_bytes=sum(tensors[p.name].numel() * tensors[p.name].element_size() for p in params),
         ))
     return MemoryEstimate(tuple(out), shape, device_map=bool(getattr(module, "hf_device_map", None)))
@@ -482,7 +512,19 @@ def capacity(device: str, held: int) -> tuple[int, str]:
         free, source = limits.available_memory(device)
     else:
         free, source = host_available()
+        replicas = _replicas_on_node()
+        if replicas > 1:  # torchrun: every local rank holds its own replica in the host's memory
+            free, source = free // replicas, f"{source}, shared by {replicas} ranks"
     return free + held, f"{gib(free)} {source} + {gib(held)} of weights already loaded"
+
+
+def _replicas_on_node() -> int:
+    """Processes of a torchrun job on this node (LOCAL_WORLD_SIZE, else WORLD_SIZE); 1 alone."""
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        raw = os.environ.get(name, "").strip()
+        if raw.isdigit() and int(raw) > 0:
+            return int(raw)
+    return 1
 
 
 def memory_lines(estimate: MemoryEstimate) -> list[str]:

@@ -305,3 +305,34 @@ def test_the_cli_refusal_is_one_line_in_a_fresh_process(llama):
     outcome = run_cli([str(path), "--calib", str(calib), "--rank", "full", "--steps", "1", "--samples", "4",
                        "--device-map", "auto", "--max-memory", "cpu=60KB,disk"])
     assert_refused(outcome, ExitCode.RESOURCES, needle="trains every parameter")
+
+
+@pytest.mark.slow  # two torchrun ranks (gloo) and one single process: ~1 min on the shared 2-core machine
+def test_under_torchrun_each_rank_places_its_replica_and_the_report_is_the_single_process_one(llama, reference, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    path, calib, _ = llama
+    map_file = tmp_path / "map.json"
+    map_file.write_text(json.dumps(FILE_MAP))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT", "HALLWAY_AUDIT_DEBUG")}
+    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
+           "-m", "hallway_audit", str(path), "--calib", str(calib), "--precision", "bf16", *TINY[2:], "--rank", "2,4",
+           "--device-map", str(map_file), "--device", "cpu"]
+    ranked = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert ranked.returncode in (0, 1), ranked.stderr[-2000:]
+    doc = json.loads(ranked.stdout)
+    single = subprocess.run([sys.executable, "-m", "hallway_audit", str(path), "--calib", str(calib), "--precision",
+                             "bf16", *TINY[2:], "--rank", "2,4", "--device", "cpu"],
+                            check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == ranked.returncode, single.stderr[-2000:]
+    assert without_placement(doc) == without_placement(json.loads(single.stdout))
+    assert doc["dynamic"]["placement"]["device_map"] == FILE_MAP
+    assert not list(tmp_path.glob("hallway-audit-offload-*"))  # every rank removed its offload folder

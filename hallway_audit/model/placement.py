@@ -32,6 +32,7 @@ import io
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -274,22 +275,63 @@ def _accelerate_map(device_map: Mapping[str, str]) -> dict[str, int | str]:
     return {k: (int(v.split(":")[1]) if v.startswith("cuda:") else v) for k, v in device_map.items()}
 
 
+def replica_share(env: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """(this process's replica on its node, replicas on the node): torchrun's LOCAL_RANK and
+    LOCAL_WORLD_SIZE (WORLD_SIZE when a launcher sets no local size); (0, 1) for one process."""
+    env = os.environ if env is None else env
+    try:
+        size = int(env.get("LOCAL_WORLD_SIZE") or env.get("WORLD_SIZE") or "1")
+        local = int(env.get("LOCAL_RANK") or "0")
+    except ValueError:
+        return 0, 1  # the distributed session refuses malformed variables itself
+    return (local, size) if size > 1 and 0 <= local < size else (0, 1)
+
+
+def gpu_group() -> list[int]:
+    """The GPUs this process's replica may use: all of them alone; under torchrun, the node's
+    GPUs split into LOCAL_WORLD_SIZE contiguous groups, one per local rank."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    local, size = replica_share()
+    if size == 1:
+        return list(range(visible))
+    if visible and visible < size:
+        raise UsageError(f"--device-map under torchrun: {size} processes on this node share {visible} GPU(s); each "
+                         "replica needs its own (start fewer processes per node)")
+    per = visible // size
+    return list(range(local * per, (local + 1) * per))
+
+
+def _local(device: str, group: list[int], where: str) -> str:
+    """cuda:i of the replica's group -> the absolute GPU (cuda:i alone); other devices as they are."""
+    if not device.startswith("cuda:"):
+        return device
+    i = int(device.split(":")[1])
+    if i >= len(group):
+        _, size = replica_share()
+        scope = f" (under torchrun GPU indices count within each replica's {len(group)} GPU(s))" if size > 1 else ""
+        raise UsageError(f"{where}: {device} requested, but torch sees {len(group)} CUDA device(s){scope}")
+    return f"cuda:{group[i]}"
+
+
 def _device_map(module: nn.Module, spec: PlacementSpec, where: str) -> dict[str, str]:
-    """module name -> device, inferred by accelerate or read from the user's file."""
+    """module name -> device, inferred by accelerate or read from the user's file. Under torchrun
+    each rank places one replica on its own group of GPUs (gpu_group), its GPU indices counted
+    within the group, and an inferred map takes its share of the host's memory."""
     from accelerate.utils import check_device_map, get_balanced_memory, get_max_memory, infer_auto_device_map
 
+    group = gpu_group()
     if spec.device_map not in MAP_CHOICES:
-        return _read_map_file(module, spec.device_map, where, check_device_map)
-    given = {(int(d.split(":")[1]) if d.startswith("cuda:") else d): b for d, b in spec.max_memory if b is not None}
-    if DISK in given:
-        given.pop(DISK)  # accelerate offloads to disk without a budget; the disk-space check bounds it
-    if given:
-        max_memory: dict[Any, int] = dict(given)
-    else:
-        max_memory = {k: v for k, v in get_max_memory().items() if k != "mps"}
-    for key in list(max_memory):
-        if isinstance(key, int) and key >= torch.cuda.device_count():
-            raise UsageError(f"--max-memory: cuda:{key} requested, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        read = _read_map_file(module, spec.device_map, where, check_device_map)
+        return {k: _local(v, group, f"--device-map {spec.device_map}: {k}") for k, v in read.items()}
+    given = {_local(d, group, "--max-memory"): b for d, b in spec.max_memory if b is not None and d != DISK}
+    # accelerate offloads to disk without a budget; the disk-space check bounds it
+    max_memory: dict[Any, int] = {(int(d.split(":")[1]) if d.startswith("cuda:") else d): b for d, b in given.items()}
+    if not given:
+        _, replicas = replica_share()
+        found = get_max_memory()
+        max_memory = {k: v for k, v in found.items() if k in group}
+        if "cpu" in found:
+            max_memory["cpu"] = found["cpu"] // replicas
     no_split = list(getattr(module, "_no_split_modules", None) or [])
     if spec.device_map == "balanced":
         max_memory = get_balanced_memory(module, max_memory=max_memory, no_split_module_classes=no_split,
