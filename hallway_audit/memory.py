@@ -574,16 +574,23 @@ def check_memory(estimate: MemoryEstimate, hint: str = "") -> None:
 
 
 def suggestion(estimate: MemoryEstimate, setting: SettingNeed) -> str:
+    """What would shrink the largest part of the need, as a short list."""
     tips = []
     need = _sum(setting.devices.values())
-    if need.activations > need.total // 4:
-        tips.append("a smaller calibration batch (fewer examples or a lower --max-length) or --eval-batch")
+    if need.activations + need.activation_cells > need.total // 4:
+        tips.append("a smaller calibration batch (fewer examples or a lower --max-length) or a smaller --eval-batch")
     if setting.full_size:
         tips.append("a LoRA setting (--rank 16)")
-    if not estimate.device_map:
-        tips.append("--device-map auto with --max-memory (e.g. cpu=64GiB,disk) for LoRA settings")
+    if not estimate.device_map and torch_cuda_count() > 1:
+        tips.append("--device-map auto to spread the model over the GPUs (LoRA settings)")
     tips.append(f"another device, or {DEVICE_MEMORY_ENV} if the free-memory figure is wrong")
     return ", ".join(tips)
+
+
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def full_size_message(setting: SettingNeed, disk: int, device: str = "", can: int = 0, source: str = "") -> str:
