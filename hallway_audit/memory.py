@@ -77,6 +77,10 @@ DEVICE_MEMORY_ENV = "HALLWAY_AUDIT_DEVICE_MEMORY"
 FLOAT32 = 4
 SAVED_PER_LINEAR = 1.15  # saved activations per token, x 4 bytes x sum of linear (in + out): measured 1.08-1.13
 LOGITS = 2.5  # logits and log-softmax per token, x 4 bytes x the widest linear output: measured 1.5-2.5
+# Eager attention (config._attn_implementation == "eager") also saves each layer's softmax: one
+# float per head and key position per token (measured 0.97-0.99 on a 4-layer, 8-head Llama at
+# T = 32 and 128); sdpa saves no T x T scores.
+ATTENTION_SCORES = 1.0
 # beta_eff's activation cells: an int64 cell id per output element of every probed linear layer on
 # the evaluation batch, kept for the step before and the step after (burst.py's prev_cells, cells).
 CELL_BYTES = 8
@@ -180,6 +184,8 @@ class ActivationShape:
     linear_width: int
     head_width: int
     block_width: int = 0
+    attention: int = 0  # layers x heads whose T x T scores autograd saves (eager attention; 0 for sdpa)
+    heads: int = 0
 
     @classmethod
     def of(cls, module: nn.Module, tokens_per_example: int) -> ActivationShape:
@@ -193,17 +199,24 @@ class ActivationShape:
             blocks[_block_of(name)] = blocks.get(_block_of(name), 0) + m.in_features + m.out_features
         if not linears:  # no linear layer to count: the mean parameter's size, a coarse stand-in
             width = sum(p.numel() for p in module.parameters()) // max(1, sum(1 for _ in module.parameters()))
-        return cls(max(1, tokens_per_example), width, head, max(blocks.values(), default=width))
+        config = getattr(module, "config", None)
+        eager = getattr(config, "_attn_implementation", None) == "eager"
+        layers, heads = (getattr(config, k, 0) for k in ("num_hidden_layers", "num_attention_heads"))
+        per_layer = heads if eager and isinstance(heads, int) and isinstance(layers, int) else 0
+        return cls(max(1, tokens_per_example), width, head, max(blocks.values(), default=width),
+                   per_layer * (layers if isinstance(layers, int) else 0), per_layer)
 
     def with_grad(self, examples: int) -> int:
         """Peak bytes of a forward and backward over `examples`, beyond the gradients."""
         tokens = examples * self.tokens_per_example
-        return int(FLOAT32 * tokens * (SAVED_PER_LINEAR * self.linear_width + LOGITS * self.head_width))
+        scores = ATTENTION_SCORES * self.attention * self.tokens_per_example  # eager: T scores per head and token
+        return int(FLOAT32 * tokens * (SAVED_PER_LINEAR * self.linear_width + LOGITS * self.head_width + scores))
 
     def without_grad(self, examples: int) -> int:
         """Peak bytes of a forward under no_grad over `examples`: the logits and one block."""
         tokens = examples * self.tokens_per_example
-        return int(FLOAT32 * tokens * (LOGITS * self.head_width + self.block_width))
+        scores = 2 * self.heads * self.tokens_per_example  # one layer's scores and softmax (eager)
+        return int(FLOAT32 * tokens * (LOGITS * self.head_width + self.block_width + scores))
 
 
 def _block_of(name: str) -> str:

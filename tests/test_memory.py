@@ -256,3 +256,25 @@ def test_the_json_and_the_plan_carry_the_estimate(capsys, monkeypatch):
     assert cpu["total"] == sum(cpu[k] for k in parts) == memory["total_bytes"] and cpu["setting"] == "bf16/r4/adamw-0.0001"
     assert all(cpu[k] > 0 for k in parts)
     assert "memory: up to ~" in err and "on cpu for bf16/r4/adamw-0.0001 (weights" in err and "cpu can hold" in err
+
+
+def test_eager_attention_adds_its_saved_scores():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, attn_implementation="eager")
+    model = LlamaForCausalLM(config).eval()
+    eager, sdpa = ActivationShape.of(model, 64), ActivationShape.of(tiny_llama_model(), 64)
+    assert (eager.attention, sdpa.attention) == (8, 0)
+    ids = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(1))
+    params = {k: v.detach().requires_grad_(True) for k, v in model.named_parameters()}
+    out: list = []
+
+    def forward_backward() -> None:
+        loss = torch.func.functional_call(model, params, (ids,), {"labels": ids}).loss
+        out.append(torch.autograd.grad(loss, list(params.values())))
+
+    measured = peak_allocated(forward_backward).bytes - sum(p.numel() * 4 for p in params.values())
+    assert measured <= eager.with_grad(4) <= 1.5 * measured
+    assert measured > sdpa.with_grad(4)  # the scores are what sdpa's figure leaves out
