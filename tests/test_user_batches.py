@@ -363,9 +363,11 @@ def _loss_module(root: Path):
             import_object(f"{root / 'loss.py'}:cosine", option="--loss", what="function"))
 
 
-def test_a_coupled_loss_is_detected_once_per_sweep(bert_dir, pair_files, monkeypatch):
-    """Shares are recorded at the first state of the first LoRA setting only: once they
-    disagree, no later state or setting records them (the loss couples examples)."""
+def test_a_coupled_loss_is_detected_once_per_setting(bert_dir, pair_files, monkeypatch):
+    """Shares are recorded at the first state of each LoRA setting only: once they
+    disagree, no later state of that setting records them (the loss couples examples).
+    Each setting finds it out for itself, so its figures do not depend on which
+    settings ran before it (in one process or on a torchrun rank)."""
     contrastive, cosine = _loss_module(pair_files)
     module = build_model(bert_dir).module
     batch = pairs(12, 8)
@@ -386,7 +388,7 @@ def test_a_coupled_loss_is_detected_once_per_sweep(bert_dir, pair_files, monkeyp
                          model_source="t", calib="t", val_source="t")
 
     result = sweep(contrastive)
-    assert len(made) == 1
+    assert len(made) == 2  # the first state of each LoRA setting
     full, first, second = result.settings
     assert [s.g_b_reason for s in full.pt] == [NOT_LORA] * 2
     assert [s.g_b for s in first.pt + second.pt] == ["direct"] * 4
