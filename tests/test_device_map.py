@@ -229,6 +229,10 @@ def test_a_budget_that_cannot_hold_the_weights_without_disk_is_refused(capsys, l
     err = capsys.readouterr().err
     assert code == ExitCode.RESOURCES and err.count("\n") == 1
     assert "do not fit the memory --max-memory allows (cpu=60,000 bytes)" in err and "add disk" in err
+    code = main([str(path), "--calib", str(calib), *TINY, "--device-map", "auto", "--max-memory", "cpu=60KB,disk=1KB"])
+    err = capsys.readouterr().err
+    assert code == ExitCode.RESOURCES and err.count("\n") == 1
+    assert "bytes of weights to disk, more than --max-memory disk=1,000 bytes allows" in err
 
 
 @pytest.mark.parametrize(("args", "needle"), [

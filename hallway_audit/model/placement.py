@@ -205,6 +205,9 @@ def load_placed(
                 f"({', '.join(f'{d}={b:,} bytes' for d, b in budget.items()) or 'the devices free memory'}); add disk "
                 "to --max-memory to offload the rest to disk (e.g. --max-memory cpu=8GiB,disk)"
             )
+        if weight_bytes[DISK] > budget.get(DISK, weight_bytes[DISK]):
+            raise ResourceError(f"{where}: the device map offloads {weight_bytes[DISK]:,} bytes of weights to disk, more "
+                                f"than --max-memory disk={budget[DISK]:,} bytes allows")
         offload = tempfile.TemporaryDirectory(prefix="hallway-audit-offload-")
         free = shutil.disk_usage(offload.name).free
         if free < weight_bytes[DISK]:
