@@ -62,7 +62,8 @@ def main() -> None:
             setting = Setting(precision=PrecisionStack(weights=fmt), subspace=sub)
             need = sweep_memory(model, [setting], options, train, val).need("cpu")
             start = time.perf_counter()
-            peak = peak_allocated(lambda setting=setting: run_sweep(
+            peak = peak_allocated(lambda setting=setting, model=model, loss=loss, loss_name=loss_name, train=train,
+                                  val=val, name=name: run_sweep(
                 model, settings=[setting], loss_fn=loss, loss_name=loss_name, train=train, val=val, options=options,
                 model_source=name, calib="random", val_source="random"))
             beyond = need.total - need.weights  # the weights were allocated before the sweep
