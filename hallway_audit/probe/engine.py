@@ -7,11 +7,12 @@ supplies the tensors its forward should see, so nothing is deep-copied.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping
+import warnings
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from ..errors import DataError
 
@@ -37,6 +38,8 @@ class LossEvaluator:
         self.where = where
         self.forwards = 0
         self.backwards = 0
+        # why stacked_losses cannot run this model and loss under vmap (then it is not tried again)
+        self.unbatchable: str | None = None
 
     def _call(self, weights: Mapping[str, Tensor], batch: Batch) -> Tensor:
         out = functional_call(self.wrapped, {f"module.{k}": v for k, v in weights.items()}, (batch,))
@@ -54,6 +57,44 @@ class LossEvaluator:
     def loss(self, weights: Mapping[str, Tensor], batch: Batch, what: str = "") -> float:
         self.forwards += 1
         return self._checked(float(self._call(weights, batch)), what)
+
+    def checked(self, value: float, what: str = "") -> float:
+        """value, or the DataError loss() raises for a loss that is not finite."""
+        return self._checked(value, what)
+
+    @torch.no_grad()
+    def stacked_losses(
+        self, varying: Sequence[Mapping[str, Tensor]], shared: Mapping[str, Tensor], batch: Batch
+    ) -> list[float] | None:
+        """The loss at several weight sets in one call: each of `varying` holds the weights that
+        differ between the sets (same keys in each), `shared` the rest. The sets are stacked and
+        the module runs once under torch.func.vmap, so k moves cost one wide forward rather than
+        k narrow ones (a GPU's gain). None, with `unbatchable` saying why, when vmap cannot run
+        this model and loss (data-dependent control flow, randomness, an operator without a
+        batching rule, out of memory): callers fall back to loss() per set, which also raises
+        any error the loss itself has. Values are unchecked; not counted in `forwards`: callers
+        count the forwards they stand for. vmap may sum in another order: ~1e-7 relative."""
+        if self.unbatchable is not None or not varying:
+            return None
+        k = len(varying)
+        try:
+            stacked = {f"module.{name}": torch.stack([w[name] for w in varying]) for name in varying[0]}
+            fixed = {f"module.{name}": v for name, v in shared.items() if f"module.{name}" not in stacked}
+
+            def one(weights: dict[str, Tensor]) -> Tensor:
+                return functional_call(self.wrapped, {**fixed, **weights}, (batch,))
+
+            with warnings.catch_warnings():  # vmap's slow per-example fallback (SDPA on CPU) still runs correctly
+                warnings.filterwarnings("ignore", message=".*not yet implemented the batching rule.*")
+                out = vmap(one)(stacked)
+            if not isinstance(out, Tensor) or tuple(out.shape) != (k,):
+                shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"the loss under vmap gave {shape}, not one scalar per weight set")
+            return [float(v) for v in out.float().cpu()]
+        except Exception as e:  # vmap's limits are many and version-dependent: the loop is always right
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            self.unbatchable = f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+            return None
 
     def loss_and_grad(
         self, weights: Mapping[str, Tensor], batch: Batch, what: str = "", wrt: Collection[str] | None = None

@@ -17,6 +17,10 @@ A move that quantizes to exactly zero is blocked: no descent, counted separately
 and needs no forward. Every rate carries a 95% Wilson interval; sampling stops
 early once the interval excludes 1/2 (checked every 8 samples from 16 on).
 
+Moves are drawn one by one but may be judged several per forward (pt_batch.py: on
+CUDA by default): a chunk of moves never crosses an early-stopping check, so the
+same samples are drawn, in the same order, and the same decisions are taken.
+
 For LoRA settings g_b comes from each example's share of the training split's
 gradient (shares.py), recorded during the backward the surrogate needs anyway, so a
 sample costs its moves' forwards only; the first micro-batch at each state is also
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 from ..model.data import MicroBatches, take
 from .engine import Batch, LossEvaluator
 from .events import Part
+from .pt_batch import moves_per_forward
 from .realize import Realization
 from .shares import COUPLED, FOLDED, ExampleShares, SharesVerdict
 from .stats import excludes_half, wilson_interval
@@ -86,6 +91,8 @@ class PtAtState:
     descent: list[float] = field(default_factory=list)
     g_b: str = "direct"  # "example shares" when g_b came from per-example shares
     g_b_reason: str | None = None  # why g_b took the direct path (None with shares)
+    moves_per_forward: int = 1  # how many moves one forward judged (pt_batch.py)
+    batch_note: str | None = None  # why batching was asked for but the loop ran (vmap failed)
 
 
 @dataclass
@@ -154,6 +161,15 @@ def combine(a: Direction, b: Direction, weight: float) -> Direction:
 
 def is_blocked(real: Realization, moved: dict[str, Tensor], now: dict[str, Tensor]) -> bool:
     return all(torch.equal(moved[k], now[k]) for k in real.trainable)
+
+
+def chunk_end(drawn: int, samples: int, size: int, early_stop: bool) -> int:
+    """The last sample of the next chunk after `drawn`: at most `size` samples, never past an
+    early-stopping check (FIRST_CHECK, then every 8), so a chunk draws nothing the loop would not."""
+    end = min(samples, drawn + max(size, 1))
+    if early_stop:
+        end = min(end, max(FIRST_CHECK, (drawn // 8 + 1) * 8))
+    return end
 
 
 def measure_pt(
@@ -230,28 +246,79 @@ def measure_pt(
     layers = sorted({layer_of[k] for k in real.trainable})
     out.surrogate = {layer: Rate() for layer in layers}
 
-    def trial(u: Direction, rate: Rate, val_rate: Rate | None, descent: list[float] | None = None) -> bool:
+    size = moves_per_forward(now, real.trainable)
+    out.moves_per_forward = size
+    what = f"for a p_t move at step {step}"
+
+    def realize(u: Direction) -> dict[str, Tensor] | None:
+        """The realized weights after move u (drawn now: stochastic rounding keeps the loop's order); None if blocked."""
         moved_w = {k: stored[k] + u[k] for k in real.trainable}
         moved = real.realized(moved_w, real.move_rounding)
-        if is_blocked(real, moved, now):
-            rate.add(False)
-            if val_rate is not None:
-                val_rate.add(False)
-            if descent is not None:
-                descent.append(0.0)
-            return True
-        loss = evaluator.loss(moved, evaluation, f"for a p_t move at step {step}")
-        rate.add(loss < base)
-        if descent is not None and base > 0:
-            descent.append((base - loss) / base)
-        if val_rate is not None and val is not None and base_val is not None:
-            val_rate.add(evaluator.loss(moved, val, f"for a p_t move at step {step}") < base_val)
-        return False
+        return None if is_blocked(real, moved, now) else moved
+
+    def losses(live: list[dict[str, Tensor]], batch: Batch, base_loss: float) -> tuple[float, list[float | None]]:
+        """(the loss the moves are compared with, each move's loss; None: not computed): one vmapped
+        forward when batching, the state's own loss riding along so that each comparison is between
+        two forwards summed alike; else the loop's forwards (evaluated lazily, in order, by judge)."""
+        if size > 1 and len(live) > 1:
+            trained = [{k: m[k] for k in real.trainable} for m in live]
+            values = evaluator.stacked_losses([{k: now[k] for k in real.trainable}, *trained], now, batch)
+            if values is not None:
+                evaluator.forwards += len(live)
+                return evaluator.checked(values[0], f"at step {step}"), list(values[1:])
+            out.batch_note = evaluator.unbatchable
+            out.moves_per_forward = 1
+        return base_loss, [None] * len(live)
+
+    def judge(moves: list[dict[str, Tensor] | None], rate: Rate, val_rate: Rate | None,
+              descent: list[float] | None = None) -> int:
+        """Record each move's outcome, in order; returns how many were blocked."""
+        live = [m for m in moves if m is not None]
+        with_val = val_rate is not None and val is not None and base_val is not None
+        b, evals = losses(live, evaluation, base)
+        b_val, vals = losses(live, val, base_val) if with_val and val is not None and base_val is not None else (0.0, [])
+        blocked = 0
+        i = 0
+        for m in moves:
+            if m is None:
+                blocked += 1
+                rate.add(False)
+                if val_rate is not None:
+                    val_rate.add(False)
+                if descent is not None:
+                    descent.append(0.0)
+                continue
+            e = evals[i]
+            loss = evaluator.loss(m, evaluation, what) if e is None else evaluator.checked(e, what)
+            rate.add(loss < b)
+            if descent is not None and b > 0:
+                descent.append((b - loss) / b)
+            if with_val and val_rate is not None and val is not None:
+                v = vals[i]
+                val_rate.add((evaluator.loss(m, val, what) if v is None else evaluator.checked(v, what)) < b_val)
+            i += 1
+        return blocked
 
     def done(rate: Rate) -> bool:
         return early_stop and rate.n >= FIRST_CHECK and rate.n % 8 == 0 and excludes_half(rate.successes, rate.n)
 
-    for n in range(1, samples + 1):
+    def run(draw: Callable[[], Direction], rate: Rate, val_rate: Rate | None, descent: list[float] | None,
+            report: Callable[[int], None]) -> int:
+        """Up to `samples` moves from draw(), judged a chunk at a time; returns how many were blocked."""
+        blocked = 0
+        drawn = 0
+        while drawn < samples:
+            end = chunk_end(drawn, samples, size, early_stop)
+            moves = [realize(draw()) for _ in range(drawn, end)]
+            blocked += judge(moves, rate, val_rate, descent)
+            for n in range(drawn + 1, end + 1):
+                report(n)
+            drawn = end
+            if done(rate):
+                break
+        return blocked
+
+    def optimizer_move() -> Direction:
         signal = normalized(proposal_signal())
         noise = normalized(real.gaussian(generator)) if sigma > 0 else None
         direction = normalized(combine(signal, noise, sigma)) if noise is not None else signal
@@ -259,24 +326,24 @@ def measure_pt(
         for layer in layers:
             dot = sum(float(torch.dot(g_full[k].reshape(-1), u[k].reshape(-1))) for k in real.trainable if layer_of[k] == layer)
             out.surrogate[layer].add(dot < 0)
-        out.blocked += trial(u, out.optimizer, out.val, out.descent)
-        if progress is not None:
-            progress("optimizer", n, 0, 0)
-        if done(out.optimizer):
-            break
-    for n in range(1, samples + 1):
-        u = scaled(normalized(real.gaussian(generator)), radius)
-        out.blocked_uniform += trial(u, out.uniform, None)
-        if progress is not None:
-            progress("uniform", n, 0, 0)
-        if done(out.uniform):
-            break
+        return u
+
+    def reporter(part: Part, li: int = 0, n_layers: int = 0) -> Callable[[int], None]:
+        def report(n: int) -> None:
+            if progress is not None:
+                progress(part, n, li, n_layers)
+        return report
+
+    out.blocked = run(optimizer_move, out.optimizer, out.val, out.descent, reporter("optimizer"))
+    out.blocked_uniform = run(lambda: scaled(normalized(real.gaussian(generator)), radius), out.uniform, None, None,
+                              reporter("uniform"))
     if per_layer_radius is not None:
         for li, layer in enumerate(layers):
             keys = [k for k in real.trainable if layer_of[k] == layer]
             rate = Rate()
             r_l = per_layer_radius.get(layer, 0.0)
-            for n in range(1, samples + 1):
+
+            def layer_move(keys: list[str] = keys, r_l: float = r_l) -> Direction:
                 full_signal = proposal_signal()
                 sig = {k: full_signal[k] for k in keys}
                 noise = real.gaussian(generator)
@@ -285,10 +352,8 @@ def measure_pt(
                     d = normalized(combine(d, normalized({k: noise[k] for k in keys}), sigma))
                 u = {k: torch.zeros_like(stored[k]) for k in real.trainable}
                 u.update(scaled(d, -r_l))
-                trial(u, rate, None)
-                if progress is not None:
-                    progress("layer", n, li, len(layers))
-                if done(rate):
-                    break
+                return u
+
+            run(layer_move, rate, None, None, reporter("layer", li, len(layers)))
             out.realized_layer[layer] = rate
     return out
