@@ -290,14 +290,16 @@ def param_places(module: nn.Module) -> dict[str, tuple[str, str]]:
         if not p.dtype.is_floating_point:
             continue
         where = str(p.device)
-        if device_map and _mapped(device_map, name) == "disk":
+        if device_map and mapped_place(device_map, name) == "disk":
             out[name] = ("disk", "cpu")
         else:
             out[name] = (where, where)
     return out
 
 
-def _mapped(device_map: Mapping[str, object], name: str) -> object:
+def mapped_place(device_map: Mapping[str, object], name: str) -> object:
+    """Where a device map puts parameter `name`: its longest mapped module prefix ("" maps
+    everything); None when no prefix is mapped."""
     parts = name.split(".")
     for i in range(len(parts), -1, -1):
         key = ".".join(parts[:i])

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..errors import ModelError, ResourceError, UsageError
 from ..limits import is_out_of_memory
-from ..memory import gib, parse_size
+from ..memory import gib, mapped_place, parse_size
 
 MAP_CHOICES = ("auto", "balanced")
 DISK = "disk"
@@ -378,12 +378,10 @@ def _check_devices(device_map: Mapping[str, str], where: str) -> None:
 
 
 def _mapped(device_map: Mapping[str, str], name: str) -> str:
-    parts = name.split(".")
-    for i in range(len(parts), -1, -1):
-        key = ".".join(parts[:i])
-        if key in device_map:
-            return device_map[key]
-    raise UsageError(f"--device-map: no device for {name}")
+    place = mapped_place(device_map, name)
+    if place is None:
+        raise UsageError(f"--device-map: no device for {name}")
+    return str(place)
 
 
 def _check_tied(module: nn.Module, device_map: Mapping[str, str], where: str) -> None:
