@@ -41,6 +41,7 @@ MAX_JSON_BYTES_DEFAULT = 256 * 1024 * 1024
 
 # The memory the audit may plan to use, in GB; default: what the OS says is available.
 MEMORY_ENV = "HALLWAY_AUDIT_MEMORY_GB"
+DEVICE_MEMORY_ENV = "HALLWAY_AUDIT_DEVICE_MEMORY"
 
 # safetensors' own limit on the JSON header (its Rust reader refuses larger ones).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -99,21 +100,35 @@ def nbytes_text(nbytes: float) -> str:
     return f"{int(nbytes)} bytes"
 
 
+def memory_override() -> tuple[int, str] | None:
+    """(bytes, which variable) when the user set how much memory the audit may use:
+    HALLWAY_AUDIT_DEVICE_MEMORY (a size, `24GiB`) wins over HALLWAY_AUDIT_MEMORY_GB (GB)."""
+    raw = os.environ.get(DEVICE_MEMORY_ENV, "").strip()
+    if raw:
+        from .memory import parse_size
+
+        return parse_size(raw, DEVICE_MEMORY_ENV), f"{DEVICE_MEMORY_ENV}={raw}"
+    raw = os.environ.get(MEMORY_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{MEMORY_ENV}={raw!r} is not a number of GB") from None
+    if not value > 0:
+        raise UsageError(f"{MEMORY_ENV}={raw!r} must be positive")
+    return int(value * 1e9), f"{MEMORY_ENV}={raw}"
+
+
 def available_memory(device: str | torch.device = "cpu") -> tuple[int, str]:
     """(bytes the audit may still use on `device`, where that figure comes from).
 
-    HALLWAY_AUDIT_MEMORY_GB overrides both; otherwise the host's available memory
+    memory_override() wins; otherwise the host's available memory
     (psutil) or the CUDA device's free memory.
     """
-    raw = os.environ.get(MEMORY_ENV, "").strip()
-    if raw:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise UsageError(f"{MEMORY_ENV}={raw!r} is not a number of GB") from None
-        if not value > 0:
-            raise UsageError(f"{MEMORY_ENV}={raw!r} must be positive")
-        return int(value * 1e9), f"{MEMORY_ENV}={raw}"
+    override = memory_override()
+    if override is not None:
+        return override
     import torch
 
     dev = torch.device(device)

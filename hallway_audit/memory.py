@@ -63,6 +63,10 @@ from typing import TYPE_CHECKING
 
 from .errors import ResourceError, UsageError
 
+# The memory each device holds for the audit, overriding what is measured (the free memory
+# of a CUDA device, the available memory of the host): "24GiB", "512MB", "1048576".
+from .limits import DEVICE_MEMORY_ENV as DEVICE_MEMORY_ENV
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -70,9 +74,6 @@ if TYPE_CHECKING:
     from .probe.burst import BurstOptions
     from .probe.settings import Setting
 
-# The memory each device holds for the audit, overriding what is measured (the free memory
-# of a CUDA device, the available memory of the host): "24GiB", "512MB", "1048576".
-DEVICE_MEMORY_ENV = "HALLWAY_AUDIT_DEVICE_MEMORY"
 
 FLOAT32 = 4
 SAVED_PER_LINEAR = 1.15  # saved activations per token, x 4 bytes x sum of linear (in + out): measured 1.08-1.13
@@ -507,26 +508,16 @@ def host_available() -> tuple[int, str]:
     return free, source
 
 
-def device_override(env: Mapping[str, str] | None = None) -> int | None:
-    raw = (env if env is not None else os.environ).get(DEVICE_MEMORY_ENV, "").strip()
-    return parse_size(raw, DEVICE_MEMORY_ENV) if raw else None
-
-
 def capacity(device: str, held: int) -> tuple[int, str]:
     """(bytes `device` can hold for the audit, how that was found). `held`: bytes of the
     audit already on it (the loaded weights), which a free-memory figure no longer counts."""
-    override = device_override()
-    if override is not None:
-        return override, f"{DEVICE_MEMORY_ENV}={os.environ[DEVICE_MEMORY_ENV].strip()}"
     from . import limits
 
-    if os.environ.get(limits.MEMORY_ENV, "").strip():
-        free, source = limits.available_memory(device)
-        return free, source
-    if device.startswith("cuda"):
-        free, source = limits.available_memory(device)
-    else:
-        free, source = host_available()
+    override = limits.memory_override()
+    if override is not None:
+        return override
+    free, source = limits.available_memory(device)  # CUDA free memory, or the host's (cgroup-aware)
+    if not device.startswith("cuda"):
         replicas = _replicas_on_node()
         if replicas > 1:  # torchrun: every local rank holds its own replica in the host's memory
             free, source = free // replicas, f"{source}, shared by {replicas} ranks"
