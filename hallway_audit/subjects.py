@@ -20,7 +20,8 @@ from .static.tally import FormatTally
 
 
 def _setting_context(fmt: str, lr: float, rounds_stored: int = 1) -> dict[str, MetricValue]:
-    return {"format": fmt, "lr": lr, "bits": get_format(fmt).bits, "rounds_stored": rounds_stored}
+    f = get_format(fmt)
+    return {"format": fmt, "lr": lr, "bits": f.bits, "rounds_stored": rounds_stored, "block_scaled": int(f.scaled)}
 
 
 def rounds_stored(settings: Iterable[Setting]) -> dict[str, int]:

@@ -213,6 +213,34 @@ def test_ml_dtypes_would_overflow_where_we_saturate():
     assert get_format("fp8_e5m2").quantize(t(y)).tolist() == [57344.0, 57344.0]
 
 
+@pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "bf16"])
+def test_saturated_is_exactly_where_ml_dtypes_overflows(name):
+    """`saturated` = nearest rounding leaves the range: where ml_dtypes' (non-saturating)
+    cast gives inf / NaN. Covers max itself, the half-step threshold T (IEEE: the tie
+    overflows; e4m3fn: 464 ties back to 448), its fp32 neighbours, and far beyond."""
+    top = np.float32(FINFO[name].max)
+    bound, _ = get_format(name).grid.overflow_bound()
+    T = np.float32(bound)
+    x = np.array([top, np.nextafter(top, np.float32(np.inf)), np.nextafter(T, np.float32(0)), T,
+                  np.nextafter(T, np.float32(np.inf)), min(float(top) * 1.5, 3e38), 3e38], np.float32)
+    x = x[np.isfinite(x)]
+    x = np.concatenate([x, -x])
+    want = ~np.isfinite(cast(name, x))
+    got = get_format(name).at(t(x)).saturated(t(x)).numpy()
+    assert np.array_equal(got, want), (x, got, want)
+
+
+@pytest.mark.parametrize("name, top, bound", [("fp4_e2m1", 6.0, 7.0), ("fp6_e2m3", 7.5, 7.75), ("fp6_e3m2", 28.0, 30.0)])
+def test_saturated_in_all_finite_formats_ties_up(name, top, bound):
+    """OCP fp6/fp4 have no inf/NaN (ml_dtypes saturates, so it cannot be the oracle): the
+    next value would be 2^(emax+1), mantissa even, so the tie at T rounds past max."""
+    fmt = get_format(name)
+    assert fmt.max_finite == top and fmt.grid.overflow_bound() == (bound, True)
+    x = t(np.array([top, np.nextafter(np.float32(bound), np.float32(0)), bound, -bound, bound * 2, 0.0]))
+    assert fmt.at(x).saturated(x).tolist() == [False, False, True, True, True, False]
+    assert fmt.quantize(x)[:4].abs().tolist() == [top] * 4  # the clamp is what saturation means
+
+
 # --------------------------------------------------------------------------- fp32 itself
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import ml_dtypes
@@ -11,6 +12,7 @@ import torch
 from helpers import tiny_mlp_state, write_safetensors
 
 from hallway_audit.checkpoint import open_checkpoint
+from hallway_audit.cli import main
 from hallway_audit.lattice import get_format
 from hallway_audit.static import run_static, spectral_figures
 from hallway_audit.static.measure import measure_tensor
@@ -45,9 +47,9 @@ def test_relative_error_and_sqnr_match_ml_dtypes_cast():
 
 
 def test_saturation_and_flush_to_zero_in_fp8():
-    w = torch.tensor([1000.0, -449.0, 448.0, 1e-9, 0.0, 1.0])
+    w = torch.tensor([1000.0, -465.0, 464.0, 1e-9, 0.0, 1.0])
     s = measure_tensor(w, {"fp8_e4m3": get_format("fp8_e4m3")}, lr=1e-4).formats["fp8_e4m3"].summary()
-    assert s["saturated"] == pytest.approx(2 / 6)  # beyond 448; 448 itself is on the lattice
+    assert s["saturated"] == pytest.approx(2 / 6)  # beyond 464; 464 ties back to 448 (rounding, not the clamp)
     assert s["flushed"] == pytest.approx(1 / 5)  # 1e-9 of the five nonzero weights
 
 
@@ -235,3 +237,22 @@ def test_a_format_that_holds_the_stored_dtype_reports_no_loss():
     for name in ("bf16", "fp32"):
         f = t.formats[name]
         assert f.error_sq == 0.0 and f.flushed == 0 and f.saturated == 0
+
+
+def test_saturation_is_a_range_warning_in_plain_formats_and_an_info_under_mx(tmp_path, capsys):
+    """The bundled rules on one checkpoint with outliers: fp8_e4m3 (plain) warns
+    `saturated-weights`; mxfp8 clamps only block maxima (`block-maxima-clamp`, info);
+    int4 scales each group from its own amax and saturates nothing."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=g)
+    w[0, :8] = 1000.0  # beyond fp8_e4m3's 464 in the plain format
+    path = write_safetensors(tmp_path / "m.safetensors", {"layer.weight": w})
+    code = main([str(path), "--precision", "fp8_e4m3,mxfp8,int4", "-q", "--format", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code in (0, 1)
+    found = {(f["rule"], f["setting"]) for f in doc["findings"] if f.get("layer") == "layer"}
+    assert ("saturated-weights", "fp8_e4m3") in found
+    assert ("block-maxima-clamp", "mxfp8") in found and ("saturated-weights", "mxfp8") not in found
+    assert not {rule for rule, fmt in found if fmt == "int4"} & {"saturated-weights", "block-maxima-clamp"}
+    info = next(f for f in doc["findings"] if f["rule"] == "block-maxima-clamp")
+    assert info["severity"] == "info"

@@ -98,6 +98,19 @@ class Grid(ABC):
     def cell_id(self, y: Tensor) -> Tensor:
         """Signed ordinal (int64) of the nearest grid value; NAN_CELL for NaN."""
 
+    @abstractmethod
+    def overflow_bound(self) -> tuple[float, bool]:
+        """(T, tie_up): where nearest rounding leaves the grid. T is max_value plus half
+        the spacing a next value would have; at |y| == T the tie goes up iff tie_up."""
+
+    def overflows(self, y: Tensor) -> Tensor:
+        """Whether nearest rounding of y lands beyond +-max_value, so the cast must
+        saturate it (or overflow to inf / NaN); values inside T round to max_value
+        with an ordinary rounding error. NaN is False."""
+        bound, tie_up = self.overflow_bound()
+        a = y.abs()
+        return (a >= bound) if tie_up else (a > bound)
+
 
 class Lattice(ABC):
     """A format with its scales fixed. x must have the reference's shape (scaled formats)."""
@@ -119,6 +132,11 @@ class Lattice(ABC):
     @abstractmethod
     def max_abs(self, x: Tensor) -> Tensor:
         """Largest representable magnitude at each element's position (float32)."""
+
+    @abstractmethod
+    def saturated(self, x: Tensor) -> Tensor:
+        """Whether each element saturates: its nearest rounding lies beyond the largest
+        magnitude at its position (Grid.overflows on x in element units)."""
 
 
 class Format(ABC):

@@ -118,6 +118,13 @@ class FloatGrid(Grid):
         q = (n * step).clamp(-self.max_value, self.max_value)  # saturate; NaN passes
         return torch.copysign(q, y)  # -tiny may round up to +0: keep x's sign
 
+    def overflow_bound(self) -> tuple[float, bool]:
+        # the next value would be max + one top-binade step; its mantissa is even (ties
+        # go up, IEEE's overflow threshold) unless max itself ends in 0 (e4m3fn: 448 =
+        # 1.110b x 2^8, the all-ones pattern above it is NaN, so 464 rounds to 448)
+        half = 2.0 ** (self.emax - self.mbits - 1)
+        return self.max_value + half, self.special != "fn"
+
     def cell_id(self, y: Tensor) -> Tensor:
         a = self.round(y).abs()
         normal = (a.view(torch.int32) >> self._shift) - self._offset
@@ -152,6 +159,10 @@ class PlainLattice(Lattice):
     def max_abs(self, x: Tensor) -> Tensor:
         y = to_f32(x)
         return torch.full_like(y, self.grid.max_value)
+
+    @torch.no_grad()
+    def saturated(self, x: Tensor) -> Tensor:
+        return self.grid.overflows(to_f32(x))
 
 
 class FloatFormat(Format):

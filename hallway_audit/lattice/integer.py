@@ -34,6 +34,9 @@ class IntGrid(Grid):
         n = f + (u < (y - f)).to(y.dtype)  # up with probability frac(y)
         return torch.copysign(n.clamp(-self.qmax, self.qmax), y)  # -tiny -> -0.0
 
+    def overflow_bound(self) -> tuple[float, bool]:
+        return self.qmax + 0.5, True  # qmax is odd: qmax + 0.5 rounds to the even qmax + 1
+
     def cell_id(self, y: Tensor) -> Tensor:
         n = torch.nan_to_num(self.round(y), nan=0.0)
         return nan_cells(n.to(torch.int32), y)

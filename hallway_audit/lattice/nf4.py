@@ -84,6 +84,11 @@ class LevelGrid(Grid):
         q = torch.where(torch.isnan(y), y, levels[idx])
         return torch.copysign(q, y)
 
+    def overflow_bound(self) -> tuple[float, bool]:
+        # no level lies beyond the table: mirror the top gap (ties stay on the table)
+        top = float(self._gaps[-1] if abs(self._levels[-1]) >= abs(self._levels[0]) else self._gaps[0])
+        return self.max_value + top / 2, False
+
     def cell_id(self, y: Tensor) -> Tensor:
         _, thresholds, _ = self._tables(y)
         return nan_cells(self._index(y, thresholds) - self.zero_index, y)

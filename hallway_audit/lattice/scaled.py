@@ -163,6 +163,12 @@ class ScaledLattice(Lattice):
         self._check(x)
         return _times(torch.full_like(self.scale, self.grid.max_value), self.scale)
 
+    @torch.no_grad()
+    def saturated(self, x: Tensor) -> Tensor:
+        # in element units, as the cast sees it: a block's own amax maps to max_value
+        # up to an fp32 rounding and is never counted (x > scale * qmax can be true there)
+        return self.grid.overflows(self._y(x)[1])
+
 
 class ScaledFormat(Format):
     """A format whose lattice is grid x scales derived from the tensor itself."""

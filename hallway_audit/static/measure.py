@@ -157,7 +157,7 @@ class _Part:
         if fmt.scaled:  # per-element scales: ulp and range vary with the block
             q = lattice.quantize(self.x)
             ulp = lattice.ulp(self.x)
-            saturated = self.absx > lattice.max_abs(self.x)
+            saturated = lattice.saturated(self.x)
             movable = ulp < 2.0 * lr  # lr > ulp/2
             if self.finite is not None:
                 movable &= self.finite
@@ -172,8 +172,8 @@ class _Part:
                 q = lattice.quantize(self.x)
                 ft.error_sq = _sq_norm(q - self.x)
                 ft.flushed = (numel - _count(q)) - self.zeros
-                if self.amax > fmt.max_finite:  # zeroed non-finite entries never count
-                    ft.saturated = _count(self.absx > fmt.max_finite)
+                if self.amax >= fmt.grid.overflow_bound()[0]:  # zeroed non-finite entries never count
+                    ft.saturated = _count(fmt.grid.overflows(self.absx))
             ft.movable = self._movable(fmt, lr)
             ulp_sample = lattice.ulp(self.sample)
         if ft.nonzero:
@@ -217,7 +217,7 @@ def _pattern_tally(counts: torch.Tensor, dtype: torch.dtype, formats: dict[str, 
             nonzero=n - zeros,
             signal_sq=signal_sq,
             error_sq=float((weight * (q.double() - exact).square()).sum()),
-            saturated=int(count[magnitude > fmt.max_finite].sum()),
+            saturated=int(count[fmt.grid.overflows(magnitude)].sum()),
             flushed=int(count[(q == 0) & nonzero].sum()),
             movable=int(count[magnitude < movable_below(fmt, lr)].sum()),
         )
@@ -344,7 +344,7 @@ def measure_many(tensors: list[torch.Tensor], formats: dict[str, Format], lr: fl
         q = lattice.quantize(x)
         error_sq = _sum_per_segment(seg, (q - x).double().square(), k)
         flushed = _per_segment(seg, (q == 0) & nz, k)
-        saturated = _per_segment(seg, absx > fmt.max_finite, k)
+        saturated = _per_segment(seg, fmt.grid.overflows(absx), k)
         below = movable_below(fmt, lr)
         movable = _per_segment(seg, (absx < below) & finite, k) if below > 0.0 else [0] * k
         hists = _histograms(seg_nz, lattice.ulp(abs_nz) / abs_nz, k)
