@@ -190,15 +190,15 @@ class ActivationShape:
 
     @classmethod
     def of(cls, module: nn.Module, tokens_per_example: int) -> ActivationShape:
-        from torch import nn
+        from .probe.targets import linear_dims, linear_modules
 
-        linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-        width = sum(m.in_features + m.out_features for _, m in linears)
-        head = max((m.out_features for _, m in linears), default=0)
+        dims = [(n, linear_dims(m)) for n, m in linear_modules(module).items()]
+        width = sum(i + o for _, (i, o) in dims)
+        head = max((o for _, (_, o) in dims), default=0)
         blocks: dict[str, int] = {}
-        for name, m in linears:
-            blocks[_block_of(name)] = blocks.get(_block_of(name), 0) + m.in_features + m.out_features
-        if not linears:  # no linear layer to count: the mean parameter's size, a coarse stand-in
+        for name, (i, o) in dims:
+            blocks[_block_of(name)] = blocks.get(_block_of(name), 0) + i + o
+        if not dims:  # no linear layer to count: the mean parameter's size, a coarse stand-in
             width = sum(p.numel() for p in module.parameters()) // max(1, sum(1 for _ in module.parameters()))
         config = getattr(module, "config", None)
         eager = getattr(config, "_attn_implementation", None) == "eager"

@@ -36,7 +36,7 @@ from .realize import Realization
 from .result import LayerDynamics, SettingResult, StepRecord
 from .settings import Setting
 from .shares import SharesVerdict
-from .targets import ParamInfo
+from .targets import ParamInfo, linear_modules
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,7 @@ def run_burst(
     micro = MicroBatches(train, options.micro_batch, options.seed)
 
     # Activations probed for beta_eff: the linear layers this setting moves.
-    linear_names = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    linear_names = list(linear_modules(module))
     probed = [n for n in linear_names if f"{n}.weight" in trainable] or linear_names
     act_fmt = get_format(setting.precision.activations or setting.precision.weights)
     acts = ActivationCells(module, probed, act_fmt, quantize=setting.precision.activations is not None)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..errors import DataError
+from .targets import transposed_weights
 
 Batch = Mapping[str, Tensor]
 LossFn = Callable[[nn.Module, Batch], Tensor]
@@ -36,13 +37,19 @@ class LossEvaluator:
     def __init__(self, module: nn.Module, loss_fn: LossFn, where: str = "") -> None:
         self.wrapped = _LossModule(module, loss_fn)
         self.where = where
+        # Conv1D weights arrive as (out, in) (targets.param_dict); the module gets W.T back
+        self.transposed = transposed_weights(module)
         self.forwards = 0
         self.backwards = 0
         # why stacked_losses cannot run this model and loss under vmap (then it is not tried again)
         self.unbatchable: str | None = None
 
+    def _as_module(self, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The module's own names and layouts: a transposed view of (out, in) Conv1D weights."""
+        return {f"module.{k}": v.transpose(-2, -1) if k in self.transposed else v for k, v in weights.items()}
+
     def _call(self, weights: Mapping[str, Tensor], batch: Batch) -> Tensor:
-        out = functional_call(self.wrapped, {f"module.{k}": v for k, v in weights.items()}, (batch,))
+        out = functional_call(self.wrapped, self._as_module(weights), (batch,))
         if not isinstance(out, Tensor) or out.dim() != 0:
             shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise DataError(f"loss is not a scalar{self.where}: got {shape}")
@@ -78,8 +85,8 @@ class LossEvaluator:
             return None
         k = len(varying)
         try:
-            stacked = {f"module.{name}": torch.stack([w[name] for w in varying]) for name in varying[0]}
-            fixed = {f"module.{name}": v for name, v in shared.items() if f"module.{name}" not in stacked}
+            stacked = self._as_module({name: torch.stack([w[name] for w in varying]) for name in varying[0]})
+            fixed = {k: v for k, v in self._as_module(shared).items() if k not in stacked}
 
             def one(weights: dict[str, Tensor]) -> Tensor:
                 return functional_call(self.wrapped, {**fixed, **weights}, (batch,))

@@ -30,7 +30,7 @@ MaskKind = Literal["magnitude", "random", "2:4"]
 # --targets presets: module-name suffixes of the usual transformer projections.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "attention.output.dense",
-                  "c_attn", "qkv_proj", "out_proj", "Wqkv"),
+                  "c_attn", "attn.c_proj", "qkv_proj", "out_proj", "Wqkv"),
     "mlp": ("gate_proj", "up_proj", "down_proj", "intermediate.dense", "output.dense", "fc1", "fc2", "c_fc",
             "mlp.c_proj", "w1", "w2", "w3"),
 }

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .realize import Realization
+from .targets import is_conv1d
 
 _SEP = "::"
 # ||shares - direct|| / ||direct|| above this means the loss does not split by example
@@ -84,7 +85,8 @@ class ExampleShares:
             info = real.info[name]
             if name != (f"{info.layer}.weight" if info.layer else "weight"):
                 return NOT_LINEAR
-            if not isinstance(module.get_submodule(info.layer), nn.Linear):
+            layer = module.get_submodule(info.layer)
+            if not (isinstance(layer, nn.Linear) or is_conv1d(layer)):  # both see x (.., in), give (.., out)
                 return NOT_LINEAR
         return None
 

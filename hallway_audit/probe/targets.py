@@ -21,18 +21,46 @@ _HEAD_NAMES = ("lm_head", "classifier", "score", "head", "qa_outputs", "cls.pred
 class ParamInfo:
     name: str  # parameter name as named_parameters() gives it (tied weights appear once)
     layer: str  # module path
-    shape: tuple[int, ...]
-    linear: bool  # the weight of an nn.Linear: a matrix LoRA can adapt
+    shape: tuple[int, ...]  # as the probe holds it: (out, in) for every linear weight
+    linear: bool  # the weight of a linear layer (nn.Linear, Conv1D): a matrix LoRA can adapt
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2, GPT-J's ancestors...): y = x @ W + b with W stored
+    (in, out). PEFT adapts it as a linear layer (fan_in_fan_out) and bitsandbytes
+    quantizes it transposed, so the probe holds its weight as the (out, in) matrix."""
+    weight = getattr(m, "weight", None)
+    return type(m).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2 and hasattr(m, "nf")
+
+
+def linear_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> layer for every linear layer: nn.Linear and Conv1D."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+
+
+def linear_dims(m: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear layer, whichever way it stores its weight."""
+    weight = m.get_parameter("weight")  # (out, in) for nn.Linear, (in, out) for Conv1D
+    rows, cols = (int(n) for n in weight.shape)
+    return (rows, cols) if is_conv1d(m) else (cols, rows)
+
+
+def transposed_weights(module: nn.Module) -> set[str]:
+    """Parameter names of Conv1D weights: the probe holds them as W.T (out, in), and the
+    forward takes them back as a transposed view, so gradients arrive as (out, in) too."""
+    return {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if is_conv1d(m)}
 
 
 def parameter_universe(module: nn.Module) -> list[ParamInfo]:
     """Every float parameter full fine-tuning would move, in module order."""
-    linear_weights = {f"{name}.weight" if name else "weight" for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+    linear_weights = {f"{name}.weight" if name else "weight" for name in linear_modules(module)}
+    transposed = transposed_weights(module)
     out = []
     for name, p in module.named_parameters():
         if not p.dtype.is_floating_point:
             continue
-        out.append(ParamInfo(name, layer_name(name), tuple(p.shape), name in linear_weights and p.dim() == 2))
+        shape = tuple(p.shape)[::-1] if name in transposed else tuple(p.shape)
+        out.append(ParamInfo(name, layer_name(name), shape, name in linear_weights and p.dim() == 2))
     return out
 
 
@@ -72,4 +100,7 @@ def select_targets(params: list[ParamInfo], targets: str) -> list[ParamInfo]:
 
 
 def param_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in module.named_parameters() if p.dtype.is_floating_point}
+    """Every float parameter as the probe holds it: Conv1D weights as (out, in) copies."""
+    transposed = transposed_weights(module)
+    return {name: p.detach().T.contiguous() if name in transposed else p.detach()
+            for name, p in module.named_parameters() if p.dtype.is_floating_point}
