@@ -37,7 +37,10 @@ from .loaded import parse_device
 Batch = dict[str, torch.Tensor]
 BatchView = Mapping[str, torch.Tensor]  # what reading a batch needs (the probe passes Mappings)
 
-INPUT_KEYS = ("input_ids", "inputs")  # at least one must be present
+INPUT_KEYS = ("input_ids", "inputs")  # at least one must be present, or one of:
+# the main input of transformers' vision / audio / speech models (their main_input_name),
+# which the forward takes by name (call.model_inputs)
+HF_MAIN_INPUTS = ("pixel_values", "input_values", "input_features", "inputs_embeds")
 KNOWN_KEYS = ("input_ids", "attention_mask", "labels", "inputs", "targets")
 TENSOR_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 TEXT_SUFFIXES = (".txt", ".jsonl")
@@ -195,11 +198,11 @@ def validate(batch: Batch, where: str = "calibration batch", *, user_batch: bool
     """
     if not batch:
         raise DataError(f"{where}: no tensors in the calibration file")
-    if not user_batch and not any(k in batch for k in INPUT_KEYS):
+    if not user_batch and not any(k in batch for k in (*INPUT_KEYS, *HF_MAIN_INPUTS)):
         raise DataError(
             f"{where}: no input_ids or inputs tensor (found: {', '.join(sorted(batch))}); expected "
-            "input_ids, attention_mask, labels or inputs, targets, or pass --loss file.py:fn to "
-            "train on other named tensors"
+            "input_ids, attention_mask, labels or inputs, targets (or a Hugging Face model's main "
+            f"input: {', '.join(HF_MAIN_INPUTS)}), or pass --loss file.py:fn to train on other named tensors"
         )
     scalars = [k for k, v in batch.items() if v.dim() == 0]
     if scalars:

@@ -193,8 +193,13 @@ def user_loss(spec: str | LossFn | None) -> tuple[str, LossFn] | None:
 
 
 def _headless(module: nn.Module, kind: str) -> bool:
-    """A transformers base model (BertModel, LlamaModel): no head, so no logits and no loss."""
-    return kind == "hf" and getattr(module, "base_model", None) is module
+    """A transformers base model (BertModel, LlamaModel): no head, so no logits and no loss.
+    `base_model is module` alone also holds for T5ForConditionalGeneration (its prefix
+    names no attribute), so a model with output embeddings or a task class is not one."""
+    if kind != "hf" or getattr(module, "base_model", None) is not module:
+        return False
+    head = getattr(module, "get_output_embeddings", None)
+    return "For" not in type(module).__name__ and (head is None or head() is None)
 
 
 def resolve_loss(

@@ -30,9 +30,15 @@ MaskKind = Literal["magnitude", "random", "2:4"]
 # --targets presets: module-name suffixes of the usual transformer projections.
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "attention.output.dense",
-                  "c_attn", "attn.c_proj", "qkv_proj", "out_proj", "Wqkv"),
+                  "c_attn", "attn.c_proj", "qkv_proj", "out_proj", "Wqkv",
+                  "query_key_value", "attention.dense", "self_attention.dense", "self_attn.dense",  # NeoX, Falcon, Phi
+                  "q_lin", "k_lin", "v_lin", "out_lin",  # DistilBERT
+                  "SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",  # T5
+                  "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o"),
     "mlp": ("gate_proj", "up_proj", "down_proj", "intermediate.dense", "output.dense", "fc1", "fc2", "c_fc",
-            "mlp.c_proj", "w1", "w2", "w3"),
+            "mlp.c_proj", "w1", "w2", "w3",
+            "dense_h_to_4h", "dense_4h_to_h", "ffn.lin1", "ffn.lin2",  # NeoX / Falcon, DistilBERT
+            "DenseReluDense.wi", "DenseReluDense.wo", "DenseReluDense.wi_0", "DenseReluDense.wi_1"),  # T5
 }
 
 
