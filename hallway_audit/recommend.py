@@ -4,8 +4,8 @@ Among the probed settings with no fired error rule, the recommendation is the
 cheapest (lowest rank, full fine-tuning last; then fewest bits) whose ranking score
 is within `REGRET` of the best passing score: the validation suite
 (validation/README.md) measures the regret this rule leaves. A PEFT LoraConfig for
-the recommended setting is complete (r, lora_alpha, target_modules, use_rslora) so it
-can be pasted as is. A per-layer rank_pattern is reported as advice, not put in the
+the recommended setting is complete (r, lora_alpha, target_modules, use_rslora, and
+fan_in_fan_out for GPT-2's Conv1D layers) so it can be pasted as is. A per-layer rank_pattern is reported as advice, not put in the
 config: on the suite, patterns built from r_star did not beat the uniform rank.
 """
 
@@ -61,12 +61,15 @@ def lora_config(result: SettingResult) -> dict[str, object] | None:
     sub = result.setting.subspace
     if sub.kind != "lora":
         return None
-    return {
+    config: dict[str, object] = {
         "r": sub.rank,
         "lora_alpha": sub.alpha if sub.alpha is not None else sub.rank,
         "target_modules": target_modules(result),
         "use_rslora": sub.rslora,
     }
+    if any(d.fan_in_fan_out for d in result.layers.values() if d.planned_rank is not None):
+        config["fan_in_fan_out"] = True  # GPT-2's Conv1D: PEFT would otherwise warn and flip it
+    return config
 
 
 def recommend(dynamic: DynamicResult, outcomes: list[Outcome]) -> Recommendation:

@@ -141,8 +141,10 @@ def test_gpt2_directory_audits_end_to_end_and_its_lora_config_builds(tmp_path, c
     assert adapted == {f"transformer.h.{i}.{k}" for i in range(2) for k in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert all(layer["r_star"] for layer in setting["layers"] if layer["name"] in adapted)
     config = doc["recommendation"]["lora_config"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    assert config["fan_in_fan_out"] is True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         wrapped = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), peft.LoraConfig(**config))
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]  # nothing for PEFT to correct
     got = {n.removeprefix("base_model.model."): m for n, m in wrapped.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert set(got) == adapted and all(m.r["default"] == config["r"] for m in got.values())

@@ -260,6 +260,8 @@ def run_burst(
     layer_of = {p.name: p.layer for p in params}
     trainable = set(real.trainable)
     layers = {p.layer: LayerDynamics(p.layer, trainable=False) for p in params}
+    for p in params:
+        layers[p.layer].fan_in_fan_out |= p.transposed
     for name in real.trainable:
         layers[layer_of[name]].trainable = True
     micro = MicroBatches(train, options.micro_batch, options.seed)

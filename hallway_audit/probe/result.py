@@ -103,6 +103,7 @@ class LayerDynamics:
     grad_seen: bool = False
     grad_share: float | None = None  # share of the squared gradient over what the setting trains
     forecast: RunForecast | None = None  # over the planned run (horizon.py)
+    fan_in_fan_out: bool = False  # a Conv1D (weight stored (in, out)): PEFT's LoraConfig needs fan_in_fan_out
 
     @property
     def no_grad(self) -> bool:

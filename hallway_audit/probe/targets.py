@@ -23,6 +23,7 @@ class ParamInfo:
     layer: str  # module path
     shape: tuple[int, ...]  # as the probe holds it: (out, in) for every linear weight
     linear: bool  # the weight of a linear layer (nn.Linear, Conv1D): a matrix LoRA can adapt
+    transposed: bool = False  # a Conv1D weight: stored (in, out), held by the probe as (out, in)
 
 
 def is_conv1d(m: nn.Module) -> bool:
@@ -60,7 +61,7 @@ def parameter_universe(module: nn.Module) -> list[ParamInfo]:
         if not p.dtype.is_floating_point:
             continue
         shape = tuple(p.shape)[::-1] if name in transposed else tuple(p.shape)
-        out.append(ParamInfo(name, layer_name(name), shape, name in linear_weights and p.dim() == 2))
+        out.append(ParamInfo(name, layer_name(name), shape, name in linear_weights and p.dim() == 2, name in transposed))
     return out
 
 
