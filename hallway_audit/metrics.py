@@ -52,6 +52,7 @@ _METRICS: tuple[Metric, ...] = (
     Metric("rounds_stored", ("layer", "model", "setting"), "static",
            "1 when the plan updates weights stored in the format without fp32 master weights (or the run is static-only), else 0"),
     # --- dynamic: from probe bursts (v0.2) -----------------------------------------
+    Metric("lora", ("layer", "model", "setting"), "dynamic", "1 when the setting trains LoRA adapters, else 0"),
     Metric("psi", _LM, "dynamic", "gradient capture ||P_S g|| / ||g|| by the realized subspace"),
     Metric("psi_rank", _LM, "dynamic", "capture by the best subspace of the setting's rank"),
     Metric("psi_val", _M, "dynamic", "psi on the held-out batch"),

@@ -78,7 +78,8 @@ def dynamic_subjects(dynamic: DynamicResult) -> Iterator[Subject]:
     """One subject per (setting, layer), per setting for the model, and the setting itself."""
     for result in dynamic.settings:
         s = result.setting
-        ctx: dict[str, MetricValue] = {"format": s.precision.weights, "lr": s.optimizer.lr, "bits": s.bits, "rank": s.rank}
+        ctx: dict[str, MetricValue] = {"format": s.precision.weights, "lr": s.optimizer.lr, "bits": s.bits, "rank": s.rank,
+                                       "lora": int(s.subspace.kind == "lora")}
         for layer, metrics in result.layer_metrics().items():
             values = {k: v for k, v in metrics.items() if k in METRICS and _is_value(v)}
             planned = result.layers[layer].planned_rank

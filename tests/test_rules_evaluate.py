@@ -231,7 +231,7 @@ def test_default_yaml_static_run() -> None:
 
 def test_default_yaml_dynamic_messages() -> None:
     rs = load_rules(["default.yaml"])
-    run = {"lr": 1e-4, "format": "bf16", "train_steps": 1000}
+    run = {"lr": 1e-4, "format": "bf16", "train_steps": 1000, "lora": 1}
     subjects = [
         Subject("layer", "lora16", "attn.q", {**run, "psi_rank": 0.62, "r_star": 48, "rank": 16, "beta_run": 0.0,
                                                "grad_share": 0.4}),
@@ -297,7 +297,8 @@ def test_a_loss_that_barely_moves_fails_and_one_that_rises_warns() -> None:
     """On the validation suite a burst whose loss spiked then trained best: a rise is a
     warning, a loss that does not move is the error."""
     rs = load_rules(["default.yaml"])
-    run = {"lr": 1e-3, "format": "fp32", "train_steps": 200, "beta_run": 1.0, "run_moving": 1.0, "run_realized": 1.0}
+    run = {"lr": 1e-3, "format": "fp32", "train_steps": 200, "beta_run": 1.0, "run_moving": 1.0, "run_realized": 1.0,
+           "lora": 0}
     cases = {"flat": (0.004, 0.0001), "rising": (-11.3, -11.3), "dropping": (0.7, 0.05)}
     subjects = [Subject("model", name, None, {**run, "score": score, "progress": progress, "progress_lo": None,
                                               "progress_hi": None})
@@ -308,3 +309,20 @@ def test_a_loss_that_barely_moves_fails_and_one_that_rises_warns() -> None:
     assert ("loss-rises", "rising") in fired and ("loss-does-not-drop", "rising") not in fired
     assert not {r for r, s in fired if s == "dropping"} - {"setting-trains"}
     assert by_rule(out, "loss-rises")[1].rule.severity == "warning"
+
+
+def test_lora_settings_have_their_own_score_floor() -> None:
+    """Adapters start at B = 0 and the burst under-forecasts them at low lr: the suite put
+    LoRA's floor at progress_min_lora (1.3%), full fine-tuning's at progress_min (8%)."""
+    rs = load_rules(["default.yaml"])
+    assert rs.vars["progress_min_lora"] < rs.vars["progress_min"]
+    run = {"lr": 1e-4, "format": "bf16", "train_steps": 200, "beta_run": 1.0, "run_moving": 1.0, "run_realized": 1.0,
+           "progress_lo": None, "progress_hi": None}
+    cases = {("lora", 0.03): 1, ("full", 0.03): 0, ("lora", 0.005): 1, ("full", 0.2): 0}
+    subjects = [Subject("model", f"{kind}-{score}", None, {**run, "lora": lora, "score": score, "progress": score / 10})
+                for (kind, score), lora in cases.items()]
+    out = evaluate(rs, subjects)
+    stuck = {o.subject.setting: o.status for o in by_rule(out, "loss-does-not-drop")}
+    trains = {o.subject.setting: o.status for o in by_rule(out, "setting-trains")}
+    assert stuck == {"lora-0.03": "passed", "full-0.03": "fired", "lora-0.005": "fired", "full-0.2": "passed"}
+    assert trains == {"lora-0.03": "fired", "full-0.03": "passed", "lora-0.005": "passed", "full-0.2": "fired"}

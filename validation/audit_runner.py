@@ -66,7 +66,10 @@ def audit_args(subject: Subject, setting: Setting, steps: int, samples: int, ext
         "--precision", setting.precision,
         "--rank", str(setting.rank) if setting.rank else "full",
         "--lr", f"{setting.lr:g}",
-        "--master-weights", setting.master if setting.rank == 0 else "fp32",
+        # LoRA: adapters in fp32 keep their own precision; stored in bf16 (PEFT on a bf16 model)
+        # the optimizer steps them on that lattice, with no fp32 copy (the trainer does the same)
+        "--master-weights", setting.master if setting.rank == 0 else ("fp32" if setting.adapters == "fp32" else "none"),
+        *(["--adapter-precision", setting.adapters] if setting.rank and setting.adapters != "fp32" else []),
         "--rounding", setting.rounding,
         "--targets", setting.targets,
         "--steps", str(steps), "--samples", str(samples),

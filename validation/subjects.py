@@ -117,6 +117,10 @@ def _reversal_grid() -> list[Setting]:
         S("fp8_e4m3", 4, lr=1e-3),
         S("int4", 4, lr=1e-3),
         S("nf4", 16, lr=1e-4),
+        # more candidates for "stuck", and adapters stored in bf16 (a pure-bf16 PEFT run)
+        S("int4", 0, lr=1e-4, master="none"),
+        S("fp8_e4m3", 0, lr=1e-5, master="none"),
+        S("bf16", 4, lr=1e-4, adapters="bf16"),
     ]
 
 
@@ -150,6 +154,8 @@ def _schedule_grid() -> list[Setting]:
         S("bf16", 0, lr=1e-5, master="fp32"),
         S("fp32", 0, lr=1e-5),
         S("bf16", 4, lr=1e-3),
+        S("bf16", 0, lr=3e-5, master="none", **cos),
+        S("fp8_e4m3", 0, lr=1e-4, master="none", **cos),
     ]
 
 
@@ -215,6 +221,9 @@ def _planted_grid() -> list[Setting]:
         S("fp8_e4m3", 4, lr=1e-3),
         S("int4", 4, lr=1e-3),
         S("nf4", 4, lr=1e-3),
+        S("int4", 0, lr=1e-4, master="none"),
+        S("bf16", 1, lr=1e-5),
+        S("bf16", 4, lr=1e-4, adapters="bf16"),
     ]
 
 
@@ -335,6 +344,9 @@ def _encoder_grid() -> list[Setting]:
         S("bf16", 4, lr=1e-5),
         S("int4", 4, lr=1e-3),
         S("nf4", 4, lr=1e-3),
+        S("int4", 0, lr=1e-4, master="none"),
+        S("fp8_e4m3", 0, lr=1e-5, master="none"),
+        S("bf16", 4, lr=1e-4, adapters="bf16"),
     ]
 
 
