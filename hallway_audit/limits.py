@@ -14,6 +14,7 @@ one becomes exit 6.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -58,6 +59,18 @@ def env_int(name: str, default: int) -> int:
         raise UsageError(f"{name}={raw!r} is not a whole number") from None
     if value <= 0:
         raise UsageError(f"{name}={raw!r} must be positive")
+    return value
+
+
+def positive_number(name: str, raw: str, unit: str) -> float:
+    """The value of environment variable `name` (text `raw`): a finite number above 0,
+    else a usage error naming the unit it is read in ("GB", "seconds")."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is not a number of {unit}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{name}={raw!r} must be a positive number of {unit}")
     return value
 
 
@@ -111,13 +124,7 @@ def memory_override() -> tuple[int, str] | None:
     raw = os.environ.get(MEMORY_ENV, "").strip()
     if not raw:
         return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"{MEMORY_ENV}={raw!r} is not a number of GB") from None
-    if not value > 0:
-        raise UsageError(f"{MEMORY_ENV}={raw!r} must be positive")
-    return int(value * 1e9), f"{MEMORY_ENV}={raw}"
+    return int(positive_number(MEMORY_ENV, raw, "GB") * 1e9), f"{MEMORY_ENV}={raw}"
 
 
 def available_memory(device: str | torch.device = "cpu") -> tuple[int, str]:

@@ -39,9 +39,10 @@ def test_limits_come_from_the_environment_and_bad_values_are_usage_errors(monkey
             limits.max_tensors()
     monkeypatch.setenv(limits.MEMORY_ENV, "2.5")
     assert limits.available_memory("cpu") == (2_500_000_000, f"{limits.MEMORY_ENV}=2.5")
-    monkeypatch.setenv(limits.MEMORY_ENV, "-1")
-    with pytest.raises(UsageError, match="must be positive"):
-        limits.available_memory("cpu")
+    for bad in ("-1", "inf"):  # inf once reached int(inf * 1e9): an OverflowError, exit 70
+        monkeypatch.setenv(limits.MEMORY_ENV, bad)
+        with pytest.raises(UsageError, match="must be a positive number of GB"):
+            limits.available_memory("cpu")
 
 
 def test_tensor_count_limit_names_the_count_the_limit_and_the_variable(monkeypatch):

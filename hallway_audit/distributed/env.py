@@ -8,12 +8,12 @@ WORLD_SIZE absent or 1 is the ordinary single process: nothing here applies.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import UsageError
+from ..limits import positive_number
 
 TIMEOUT_ENV = "HALLWAY_AUDIT_DIST_TIMEOUT"
 # torch's own default for gloo collectives. A rank that shows no progress for this long
@@ -56,15 +56,7 @@ def _whole(env: Mapping[str, str], name: str, low: int, high: int | None = None)
 def timeout_from(env: Mapping[str, str]) -> float:
     """HALLWAY_AUDIT_DIST_TIMEOUT in seconds (a positive number), or the default."""
     raw = env.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-    if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"{TIMEOUT_ENV}={raw!r} must be a positive number of seconds")
-    return value
+    return positive_number(TIMEOUT_ENV, raw, "seconds") if raw else DEFAULT_TIMEOUT_S
 
 
 def rank_env(env: Mapping[str, str] | None = None) -> RankEnv | None:
