@@ -95,12 +95,15 @@ _METRICS: tuple[Metric, ...] = (
     Metric("beta_run", _LM, "dynamic", "fraction of weights forecast to change cell at least once within the planned run (model: gradient-weighted)"),
     Metric("run_moving", _LM, "dynamic", "fraction of the planned run's steps at which the weights still cross cells"),
     Metric("run_realized", _LM, "dynamic", "fraction of the run's lr budget the lattice turns into movement, relative to the peak lr's (1 unless nearest rounding without master weights loses decayed steps)"),
-    Metric("horizon", _M, "dynamic", "bursts the planned run is worth: its realized lr budget over the burst's, with LoRA's growth"),
+    Metric("horizon", _M, "dynamic", "bursts the planned run is worth: its realized lr budget over the burst's, LoRA going on at its end-of-burst rate"),
+    Metric("horizon_growth", _M, "dynamic", "the horizon with LoRA's growth (lora_kappa) carried through the whole run: an upper bound"),
     Metric("lora_kappa", _M, "dynamic", "LoRA's growth of the per-step loss drop as both adapter factors move (drop ~ a t + b t^2, kappa = b/a)"),
+    Metric("lora_accel", _M, "dynamic", "LoRA's rate of loss descent over the burst's second half divided by its mean rate (at least 1)"),
     Metric("stall_step", _LM, "dynamic", "the step of the planned run from which each step realizes less than half of what it would at the peak lr (train_steps: never)"),
     Metric("stall_lr", _M, "dynamic", "the scheduled lr at stall_step (the final lr when they move to the end)"),
     Metric("train_steps", _M, "dynamic", "length of the planned run the forecast looks ahead to"),
-    Metric("score", _M, "dynamic", "predicted relative loss drop over the planned run: the burst's drop compounded over the run's horizon (ranks settings; the gate's floor)"),
+    Metric("score", _M, "dynamic", "predicted relative loss drop over the planned run: the burst's drop compounded over the run's horizon (ranks settings)"),
+    Metric("score_growth", _M, "dynamic", "score over horizon_growth: the optimistic forecast a LoRA setting must reach to pass (the gate's floor; equal to score otherwise)"),
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in _METRICS}

@@ -20,6 +20,8 @@ from hallway_audit.probe.horizon import (
     burst_gain,
     effective_horizon,
     forecast_by_steps,
+    growth_horizon,
+    lora_acceleration,
     lora_kappa,
     master_cells_changed,
     rounding_efficiency,
@@ -156,9 +158,30 @@ def test_effective_horizon():
     flat = Schedule("constant", steps=400).factor_array(1e-4)
     assert effective_horizon(flat, 8) == pytest.approx(50.0)
     assert effective_horizon(flat, 8, realized=0.5) == pytest.approx(25.0)
-    # LoRA growth: (tau + kappa tau^2) / (K + kappa K^2)
-    assert effective_horizon(flat, 8, kappa=0.01) == pytest.approx((400 + 0.01 * 400 ** 2) / (8 + 0.01 * 64))
+    # past the burst the drop goes on at accel times the burst's mean rate: (K + a (tau - K)) / K
+    assert effective_horizon(flat, 8, accel=1.5) == pytest.approx((8 + 1.5 * 392) / 8)
+    assert effective_horizon(flat[:4], 8, accel=3.0) == pytest.approx(0.5)  # a run shorter than the burst
     assert effective_horizon(flat, 0) == 0.0
+    # LoRA growth carried through the run: (tau + kappa tau^2) / (K + kappa K^2)
+    assert growth_horizon(flat, 8, kappa=0.01) == pytest.approx((400 + 0.01 * 400 ** 2) / (8 + 0.01 * 64))
+    assert growth_horizon(flat, 8) == pytest.approx(effective_horizon(flat, 8))
+    assert growth_horizon(flat, 0) == 0.0
+
+
+def test_lora_acceleration_is_the_late_rate_over_the_mean_rate():
+    k, l0 = 32, 2.0
+    # log-loss gains c t^2: mean rate c K; over the second half (t = K/2+1 .. K, centred on
+    # m = (3K/2 + 1) / 2) the least-squares slope of c t^2 is 2 c m
+    c = 1e-4
+    losses = [l0 * math.exp(-c * t * t) for t in range(1, k + 1)]
+    assert lora_acceleration(l0, losses) == pytest.approx((1.5 * k + 1) / k)
+    # a steady descent is not accelerated; a decelerating one counts as steady (at least 1)
+    assert lora_acceleration(l0, [l0 * math.exp(-0.01 * t) for t in range(1, k + 1)]) == pytest.approx(1.0)
+    assert lora_acceleration(l0, [l0 * math.exp(-0.1 * math.sqrt(t)) for t in range(1, k + 1)]) == 1.0
+    # nothing to measure: too short, a rising loss, non-finite values
+    assert lora_acceleration(l0, losses[:7]) == 1.0
+    assert lora_acceleration(l0, [l0 * (1 + 0.01 * t) for t in range(1, k + 1)]) == 1.0
+    assert lora_acceleration(l0, [*losses[:-1], math.nan]) == 1.0
 
 
 def test_beta_at_scale_is_exact_at_bin_edges():

@@ -29,7 +29,15 @@ from .crossing import ActivationCells, activation_changes, cell_changes, crossin
 from .engine import Batch, LossEvaluator, LossFn
 from .estimate import pt_states as measured_states
 from .events import BurstEvent, BurstProgress, Part
-from .horizon import Schedule, effective_horizon, forecast_layers, lora_kappa, weighted_forecast
+from .horizon import (
+    Schedule,
+    effective_horizon,
+    forecast_layers,
+    growth_horizon,
+    lora_acceleration,
+    lora_kappa,
+    weighted_forecast,
+)
 from .psi import powers_of_two, psi_star_at, psi_star_curve, r_star, singular_values
 from .pt import Direction, StateGradients, measure_pt, split_gradient
 from .realize import Realization
@@ -41,7 +49,7 @@ from .targets import ParamInfo, linear_modules
 
 @dataclass(frozen=True)
 class BurstOptions:
-    steps: int = 8
+    steps: int = 32  # long enough to see LoRA take off (README "Does it predict?": 8 steps cannot)
     samples: int = 64
     p_every: int = 0  # measure p_t every N steps; 0 = at the first and the last state
     sigma: float = 0.5  # noise of the optimizer proposal, relative to its signal
@@ -415,6 +423,9 @@ def run_burst(
     stepwise = real.master == "none" and real.rounding == "nearest" and real.quantizes
     model_forecast = weighted_forecast(forecasts, {k: d.grad_share or 0.0 for k, d in layers.items()}, hists, scales,
                                        options.steps, options.beta_floor, stepwise)
+    realized = model_forecast.run_realized if model_forecast else 1.0
+    # LoRA's descent speeds up through the burst: the run goes on from the rate it ends at
+    accel = lora_acceleration(initial_loss, [s.loss for s in steps]) if real.lora else 1.0
     return SettingResult(
         setting=setting,
         loss_name=loss_name,
@@ -433,7 +444,9 @@ def run_burst(
         stall_lr=float(setting.optimizer.lr * scales[min(model_forecast.stall_step, len(scales) - 1)]
                        if model_forecast is not None and model_forecast.stall_step is not None
                        else setting.optimizer.lr * scales[-1]),
-        horizon=effective_horizon(scales, options.steps, model_forecast.run_realized if model_forecast else 1.0, kappa),
+        horizon=effective_horizon(scales, options.steps, realized, accel),
+        horizon_growth=growth_horizon(scales, options.steps, realized, kappa),
         kappa=kappa,
+        accel=accel,
         shadow=(shadow_start, shadow_end) if shadow_start is not None and shadow_end is not None else None,
     )

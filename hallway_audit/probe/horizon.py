@@ -230,10 +230,41 @@ def lora_kappa(g_full: dict[str, Tensor], lora: dict[str, tuple[float, int]], st
     return b / a if a > 0 and b > 0 else 0.0
 
 
-def effective_horizon(scales: Scales, burst_steps: int, realized: float = 1.0, kappa: float = 0.0) -> float:
+def lora_acceleration(initial: float, losses: Sequence[float]) -> float:
+    """How much faster a LoRA burst lowers the loss at its end than on average: the slope of
+    -log(L_t / L0) over the burst's second half over its mean slope -log(L_K / L0) / K, at
+    least 1. Adapters start at B = 0 and their descent speeds up as both factors grow, so the
+    run goes on from the rate the burst ends at, not from its mean; 1 when the burst is too
+    short (under 8 steps) or the loss did not drop."""
+    k = len(losses)
+    if k < 8 or not initial > 0 or not all(math.isfinite(x) and x > 0 for x in losses):
+        return 1.0
+    gains = -np.log(np.asarray(losses, dtype=np.float64) / initial)
+    mean = gains[-1] / k
+    if not mean > 0:
+        return 1.0
+    t = np.arange(k // 2, k, dtype=np.float64) + 1.0
+    slope = float(np.polyfit(t, gains[k // 2 :], 1)[0])
+    return max(1.0, slope / mean)
+
+
+def effective_horizon(scales: Scales, burst_steps: int, realized: float = 1.0, accel: float = 1.0) -> float:
     """How many bursts' worth of loss drop the run is: tau = (sum of the run's lr, times the
-    fraction the lattice realizes) / peak lr, in peak-lr steps; the drop grows as
-    tau + kappa tau^2 (kappa: LoRA's growth, lora_kappa), the burst's as K + kappa K^2."""
+    fraction the lattice realizes) / peak lr, in peak-lr steps; past the burst's K steps the
+    drop goes on at `accel` times the burst's mean rate (LoRA: lora_acceleration), so the
+    run is worth (K + accel (tau - K)) / K bursts (tau / K when the run is shorter)."""
+    k = float(burst_steps)
+    if k <= 0:
+        return 0.0
+    tau = float(np.sum(scales)) * realized
+    return tau / k if tau <= k else (k + accel * (tau - k)) / k
+
+
+def growth_horizon(scales: Scales, burst_steps: int, realized: float = 1.0, kappa: float = 0.0) -> float:
+    """The horizon if LoRA's growth went on all run: the drop grows as tau + kappa tau^2
+    (kappa: lora_kappa), the burst's as K + kappa K^2. An upper bound (real adapters stop
+    speeding up once the loss they can reach nears its floor) that the gate's floor uses, so
+    a take-off later than the burst can see is not rejected."""
     k = float(burst_steps)
     if k <= 0:
         return 0.0

@@ -46,8 +46,9 @@ def score(progress: float | None, master: float | None, forecast: RunForecast | 
     weights, the drop at the master weights times beta_run: what the master drift turns
     into once it crosses cells) is compounded over the run: 1 - (1 - p) ** horizon, where
     horizon is the number of bursts the run is worth (horizon.effective_horizon: its lr
-    budget, less what nearest rounding eats at decayed lrs, with LoRA's growth). A rising
-    loss (p <= 0) is returned as is. It ranks settings and is the gate's floor, not a
+    budget, less what nearest rounding eats at decayed lrs, LoRA going on at its end-of-burst
+    rate; with horizon.growth_horizon, LoRA's growth carried through the run: score_growth,
+    the gate's floor). A rising loss (p <= 0) is returned as is. It ranks settings, not a
     forecast of the final loss: real training saturates."""
     if progress is None:
         return None
@@ -174,7 +175,9 @@ class SettingResult:
     stall_lr: float | None = None  # the lr at the forecast's stall step
     shadow: tuple[float, float] | None = None  # loss at the master weights, start and end
     horizon: float = 0.0  # bursts the planned run is worth (horizon.effective_horizon)
+    horizon_growth: float = 0.0  # the same with LoRA's growth carried through the run (horizon.growth_horizon)
     kappa: float = 0.0  # LoRA's growth of the per-step drop (horizon.lora_kappa); 0 for other settings
+    accel: float = 1.0  # LoRA's end-of-burst rate over its mean (horizon.lora_acceleration); 1 for others
 
     @property
     def id(self) -> str:
@@ -230,6 +233,7 @@ class SettingResult:
             progress_val = relative_drop(self.initial_val_loss, [float(v) for v in val_losses if v is not None])[0]
         shadow = (self.shadow[0] - self.shadow[1]) / self.shadow[0] if self.shadow and self.shadow[0] > 0 else None
         f = self.forecast
+        lora = self.setting.subspace.kind == "lora"
         return {
             "progress": progress,
             "progress_lo": lo,
@@ -240,11 +244,14 @@ class SettingResult:
             "run_moving": f.run_moving if f else None,
             "run_realized": f.run_realized if f else None,
             "horizon": self.horizon,
-            "lora_kappa": self.kappa if self.setting.subspace.kind == "lora" else None,
+            "horizon_growth": self.horizon_growth,
+            "lora_kappa": self.kappa if lora else None,
+            "lora_accel": self.accel if lora else None,
             "stall_step": (f.stall_step if f.stall_step is not None else self.schedule.steps) if f else None,
             "stall_lr": self.stall_lr,
             "train_steps": self.schedule.steps,
             "score": score(progress, shadow, f, self.horizon),
+            "score_growth": score(progress, shadow, f, self.horizon_growth),
         }
 
     def layer_metrics(self) -> dict[str, dict[str, object]]:
