@@ -90,8 +90,9 @@ def scores(doc: dict[str, Any], setting_id: str | None = None) -> dict[str, floa
     m = s.get("model", {})
     out = {k: _num(m.get(k)) for k in ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "p_t_descent", "beta", "beta_min",
                                        "beta_eff", "beta_eff_elem", "beta_proposed", "p_t_uniform", "beta_run",
-                                       "run_moving", "run_realized", "stall_step", "horizon", "lora_kappa",
-                                       "progress", "progress_lo", "progress_val", "score")}
+                                       "run_moving", "run_realized", "stall_step", "horizon", "horizon_growth",
+                                       "lora_kappa", "lora_accel", "progress", "progress_lo", "progress_val",
+                                       "score", "score_growth")}
     l0, l1 = _num(m.get("initial_loss")), _num(m.get("loss"))
     v0, v1 = _num(m.get("initial_val_loss")), _num(m.get("val_loss"))
     out["burst_drop"] = (l0 - l1) / l0 if l0 else math.nan
@@ -131,6 +132,9 @@ def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 8, sam
         except ValueError:
             cached = None
         if cached is not None and (reuse or cached.get("fingerprint") == fp):
+            saved = path.with_suffix(".audit.json")
+            if cached.get("scores") and saved.is_file():  # re-read: a predictor added since appears without re-auditing
+                cached["scores"] = scores(json.loads(saved.read_text()))
             return cached
     if cache_only:
         return {"args": args, "fingerprint": None, "rc": None, "wall_s": None, "passed": None, "error": None,

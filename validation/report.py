@@ -21,7 +21,7 @@ STUCK_FRACTION = 0.10
 NOISE_MULTIPLE = 2.0
 #: audit figures whose Spearman vs progress the report shows (if the JSON has them)
 PREDICTORS = ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "p_t_descent", "beta", "beta_min", "beta_eff", "beta_proposed",
-              "beta_run", "run_moving", "burst_drop", "burst_val_drop", "progress", "progress_val", "score",
+              "beta_run", "run_moving", "burst_drop", "burst_val_drop", "progress", "progress_val", "score", "score_growth",
               "verdict_score", "gate", "fewer_errors")
 #: recommend.py's tolerance: the cheapest passing setting whose score is >= (1 - REGRET) x the best passing score
 REGRET = 0.10
