@@ -69,7 +69,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="parallel training processes / audit calls")
     p.add_argument("--max-settings", type=int, default=0, help="only the first N settings of each grid (0: all)")
     p.add_argument("--trial-steps", default="8,16,32", help="k of the k-step trial baselines")
-    p.add_argument("--audit-steps", type=int, default=8)
+    p.add_argument("--audit-steps", type=int, default=32, help="the audit's --steps (its default)")
     p.add_argument("--audit-samples", type=int, default=32)
     p.add_argument("--audit-extra", default="", help="extra audit flags for every call, e.g. '--rules strict.yaml'")
     p.add_argument("--no-audit", action="store_true", help="ground truth and trials only")

@@ -18,7 +18,7 @@ from ..probe.horizon import Schedule
 if TYPE_CHECKING:
     from ..audit import AuditResult
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 
 
 def clean(value: Any) -> Any:
