@@ -46,6 +46,12 @@ from .settings import Setting
 from .shares import SharesVerdict
 from .targets import ParamInfo, linear_modules
 
+# beta_eff compares the activation cells of consecutive steps over the burst's first steps
+# only: recording every activation's cell costs about a fifth of a 32-step burst (20M-parameter
+# Llama, bench/dynamic_cost.py), and the per-step rate needs no more than the 8 steps bursts
+# used to have.
+BETA_EFF_STEPS = 8
+
 
 @dataclass(frozen=True)
 class BurstOptions:
@@ -343,11 +349,15 @@ def run_burst(
                 _record_adapter_crossings(real, phi_before, layers, layer_of)
 
             now = real.realized(next_stored)
-            with acts.record() as cells:
+            if t < BETA_EFF_STEPS:
+                with acts.record() as cells:
+                    loss = evaluator.loss(now, eval_batch, f"after step {t}")
+                changes = activation_changes(prev_cells, cells)
+                prev_cells = dict(cells)
+            else:
                 loss = evaluator.loss(now, eval_batch, f"after step {t}")
+                changes = {}
             val_loss = evaluator.loss(now, eval_val, f"on the held-out batch after step {t}") if eval_val is not None else None
-            changes = activation_changes(prev_cells, cells)
-            prev_cells = dict(cells)
             for name, (ch, n) in changes.items():
                 if name in layers:
                     layers[name].beta_eff_elem.append(ch / n)
