@@ -96,7 +96,7 @@ _METRICS: tuple[Metric, ...] = (
     Metric("run_moving", _LM, "dynamic", "fraction of the planned run's steps at which the weights still cross cells"),
     Metric("run_realized", _LM, "dynamic", "fraction of the run's lr budget the lattice turns into movement, relative to the peak lr's (1 unless nearest rounding without master weights loses decayed steps)"),
     Metric("horizon", _M, "dynamic", "bursts the planned run is worth: its realized lr budget over the burst's, LoRA going on at its end-of-burst rate"),
-    Metric("horizon_growth", _M, "dynamic", "the horizon with LoRA's growth (lora_kappa) carried through the whole run: an upper bound"),
+    Metric("horizon_growth", _M, "dynamic", "the horizon with LoRA's growth (lora_kappa) carried through the whole run, at least horizon: an upper bound"),
     Metric("lora_kappa", _M, "dynamic", "LoRA's growth of the per-step loss drop as both adapter factors move (drop ~ a t + b t^2, kappa = b/a)"),
     Metric("lora_accel", _M, "dynamic", "LoRA's rate of loss descent over the burst's second half divided by its mean rate (at least 1)"),
     Metric("stall_step", _LM, "dynamic", "the step of the planned run from which each step realizes less than half of what it would at the peak lr (train_steps: never)"),

@@ -244,3 +244,27 @@ def test_schedule_flags_reach_the_forecast_and_bad_ones_are_usage_errors(capsys,
         assert main([*common, *bad]) == 2, bad
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_lora_burst_reports_its_acceleration_and_a_growth_bound_above_its_score():
+    """The burst's own losses give lora_accel; the ranking horizon continues at that rate;
+    the gate's score_growth (growth carried through the run) is never below the score."""
+    model = tiny_llama_model()
+    ids = torch.randint(0, 64, (24, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.flip(1)}
+    train = {k: v[:16] for k, v in batch.items()}
+    options = BurstOptions(steps=12, samples=4, micro_batch=8, eval_batch=8, schedule=Schedule("constant", steps=200))
+    settings = [Setting(PrecisionStack("bf16", None, "nearest", "fp32"), sub, OptimizerSpec("adamw", 1e-3))
+                for sub in (Subspace("lora", rank=4), Subspace("full"))]
+    result = run_sweep(model, settings=settings, loss_fn=causal_lm, loss_name="causal_lm", train=train, val=None,
+                       options=options, model_source="t", calib="t", val_source="t")
+    lora, full = result.settings
+    m = lora.model_metrics()
+    accel = lora_acceleration(lora.initial_loss, [s.loss for s in lora.steps])
+    assert m["lora_accel"] == pytest.approx(accel) and accel >= 1.0
+    assert m["horizon"] == pytest.approx((12 + accel * (200 - 12)) / 12)
+    assert m["horizon_growth"] >= m["horizon"] and m["score_growth"] >= m["score"] > 0
+    # full fine-tuning: no acceleration, one horizon, one score
+    f = full.model_metrics()
+    assert f["lora_accel"] is None and f["horizon"] == pytest.approx(200 / 12)
+    assert f["horizon_growth"] == pytest.approx(f["horizon"]) and f["score_growth"] == pytest.approx(f["score"])

@@ -455,7 +455,9 @@ def run_burst(
                        if model_forecast is not None and model_forecast.stall_step is not None
                        else setting.optimizer.lr * scales[-1]),
         horizon=effective_horizon(scales, options.steps, realized, accel),
-        horizon_growth=growth_horizon(scales, options.steps, realized, kappa),
+        # an upper bound: never below the horizon the ranking uses
+        horizon_growth=max(growth_horizon(scales, options.steps, realized, kappa),
+                           effective_horizon(scales, options.steps, realized, accel)),
         kappa=kappa,
         accel=accel,
         shadow=(shadow_start, shadow_end) if shadow_start is not None and shadow_end is not None else None,
