@@ -70,3 +70,16 @@ def test_suite_runs_end_to_end(tmp_path):
     assert len(list((tmp_path / "runs" / "reversal").glob("trial-h20__*.json"))) == 2
     md = (tmp_path / "report.md").read_text()
     assert "Spearman" in md and "balanced accuracy" in md and "`bf16/full/lr1e-05/nomaster`" in md
+
+
+def test_the_held_out_sorting_task_answers_with_the_sorted_prompt():
+    import subjects
+    import torch
+
+    batch = subjects.sort_batch(16, torch.Generator().manual_seed(0))
+    ids, labels = batch["input_ids"], batch["labels"]
+    span = (ids.shape[1] - 1) // 2
+    assert torch.equal(ids[:, span + 1 :], ids[:, :span].sort(dim=1).values)
+    assert (labels[:, : span + 1] == -100).all() and torch.equal(labels[:, span + 1 :], ids[:, span + 1 :])
+    assert not torch.equal(ids[:, :span], ids[:, span + 1 :])  # random prompts are not already sorted
+    assert subjects.SUBJECTS["sorting"]().meta["held_out"] is True

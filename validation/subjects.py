@@ -168,6 +168,60 @@ def schedule() -> Subject:
     )
 
 
+# ---------------------------------------------------------------- held-out: sorting
+
+
+def sort_batch(n: int, gen: torch.Generator) -> Batch:
+    """The copy task's inputs; the answer after the separator is the 8 tokens sorted."""
+    tiny = _tiny()
+    ids = tiny.copy_task(n, gen)
+    ids[:, tiny.SPAN + 1 :] = ids[:, : tiny.SPAN].sort(dim=1).values
+    labels = ids.clone()
+    labels[:, : tiny.SPAN + 1] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _sorting_grid() -> list[Setting]:
+    return [
+        S("fp32", 0, lr=1e-3),
+        S("fp32", 0, lr=1e-4),
+        S("bf16", 0, lr=1e-4, master="none"),
+        S("bf16", 0, lr=1e-5, master="none"),
+        S("bf16", 0, lr=1e-5, master="fp32"),
+        S("fp8_e4m3", 0, lr=1e-4, master="fp32"),
+        S("fp8_e4m3", 0, lr=1e-4, master="none"),
+        S("bf16", 1, lr=1e-3),
+        S("bf16", 4, lr=1e-3),
+        S("bf16", 16, lr=1e-3),
+        S("bf16", 4, "attention", lr=1e-3),
+        S("nf4", 4, lr=1e-3),
+        S("bf16", 4, lr=1e-4),
+        S("bf16", 16, lr=1e-4),
+        S("bf16", 4, lr=1e-5),
+        S("int4", 0, lr=1e-4, master="none"),
+    ]
+
+
+def sorting() -> Subject:
+    """Held out: added after the score and the floors were set (32-step bursts, lora_accel,
+    default.yaml at 9dc3a57) and not used to set anything; it tests them on a task they
+    were not designed on."""
+    d = EXAMPLES / "tiny-llama"
+    out = Path(__file__).resolve().parent / "out" / "subjects" / "sorting"
+
+    def build() -> None:
+        if not (out / "calib.safetensors").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            batch = sort_batch(32, torch.Generator().manual_seed(CALIB_SEED))
+            save_file(batch, str(out / "calib.safetensors"), metadata={"task": "sort 8 tokens"})
+
+    return Subject(
+        "sorting", "held out (set nothing): the tiny Llama (copy task) fine-tuned to sort 8 tokens",
+        d, out / "calib.safetensors", _hf_load(d, "LlamaForCausalLM"), sort_batch, losses.causal_lm,
+        _sorting_grid(), build=build, meta={"held_out": True},
+    )
+
+
 # ---------------------------------------------------------------- planted rank
 
 PLANTED_LAYERS = ("model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj")
@@ -372,6 +426,7 @@ def encoder() -> Subject:
 
 SUBJECTS: dict[str, Callable[[], Subject]] = {
     "reversal": reversal, "encoder": encoder, "planted": planted, "schedule": schedule,
+    "sorting": sorting,
 }
 
 
