@@ -5,8 +5,9 @@ cheapest (lowest rank, full fine-tuning last; then fewest bits) whose ranking sc
 is within `REGRET` of the best passing score: the validation suite
 (validation/README.md) measures the regret this rule leaves. A PEFT LoraConfig for
 the recommended setting is complete (r, lora_alpha, target_modules, use_rslora, and
-fan_in_fan_out for GPT-2's Conv1D layers) so it can be pasted as is. A per-layer rank_pattern is reported as advice, not put in the
-config: on the suite, patterns built from r_star did not beat the uniform rank.
+fan_in_fan_out for GPT-2's Conv1D layers) so it can be pasted as is. A per-layer
+rank_pattern is reported as advice, not put in the config: on the suite, patterns
+built from r_star did not beat the uniform rank.
 """
 
 from __future__ import annotations

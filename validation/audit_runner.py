@@ -109,7 +109,7 @@ def scores(doc: dict[str, Any], setting_id: str | None = None) -> dict[str, floa
     return out
 
 
-def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 8, samples: int = 32,
+def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 32, samples: int = 32,
               extra: list[str] | None = None, fingerprint: str | None = None, reuse: bool = False,
               cache_only: bool = False, run_steps: int | None = None) -> dict[str, Any]:
     """One CLI call (cached): {rc, passed, wall_s, error, scores, rules fired, args}.

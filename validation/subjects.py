@@ -85,13 +85,16 @@ def _tiny() -> Any:
     return make_tiny_llama
 
 
+def _answer_scored(ids: torch.Tensor) -> Batch:
+    """A tiny-Llama task batch whose loss counts only the answer after the separator."""
+    labels = ids.clone()
+    labels[:, : _tiny().SPAN + 1] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
 def reverse_batch(n: int, gen: torch.Generator) -> Batch:
     """make_tiny_llama's fine-tuning task: reverse 8 tokens after a separator; the answer is scored."""
-    tiny = _tiny()
-    ids = tiny.copy_task(n, gen, reverse=True)
-    labels = ids.clone()
-    labels[:, : tiny.SPAN + 1] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return _answer_scored(_tiny().copy_task(n, gen, reverse=True))
 
 
 S = Setting
@@ -176,9 +179,7 @@ def sort_batch(n: int, gen: torch.Generator) -> Batch:
     tiny = _tiny()
     ids = tiny.copy_task(n, gen)
     ids[:, tiny.SPAN + 1 :] = ids[:, : tiny.SPAN].sort(dim=1).values
-    labels = ids.clone()
-    labels[:, : tiny.SPAN + 1] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return _answer_scored(ids)
 
 
 def _sorting_grid() -> list[Setting]:

@@ -436,6 +436,7 @@ def run_burst(
     realized = model_forecast.run_realized if model_forecast else 1.0
     # LoRA's descent speeds up through the burst: the run goes on from the rate it ends at
     accel = lora_acceleration(initial_loss, [s.loss for s in steps]) if real.lora else 1.0
+    horizon = effective_horizon(scales, options.steps, realized, accel)
     return SettingResult(
         setting=setting,
         loss_name=loss_name,
@@ -454,10 +455,9 @@ def run_burst(
         stall_lr=float(setting.optimizer.lr * scales[min(model_forecast.stall_step, len(scales) - 1)]
                        if model_forecast is not None and model_forecast.stall_step is not None
                        else setting.optimizer.lr * scales[-1]),
-        horizon=effective_horizon(scales, options.steps, realized, accel),
+        horizon=horizon,
         # an upper bound: never below the horizon the ranking uses
-        horizon_growth=max(growth_horizon(scales, options.steps, realized, kappa),
-                           effective_horizon(scales, options.steps, realized, accel)),
+        horizon_growth=max(growth_horizon(scales, options.steps, realized, kappa), horizon),
         kappa=kappa,
         accel=accel,
         shadow=(shadow_start, shadow_end) if shadow_start is not None and shadow_end is not None else None,
