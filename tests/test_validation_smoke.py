@@ -83,3 +83,43 @@ def test_the_held_out_sorting_task_answers_with_the_sorted_prompt():
     assert (labels[:, : span + 1] == -100).all() and torch.equal(labels[:, span + 1 :], ids[:, span + 1 :])
     assert not torch.equal(ids[:, :span], ids[:, span + 1 :])  # random prompts are not already sorted
     assert subjects.SUBJECTS["sorting"]().meta["held_out"] is True
+
+
+def test_the_planted_change_has_the_planted_rank_in_every_direction():
+    """The planted subject's answer key: in each planted layer the target differs from the
+    student by exactly PLANTED_RANK equal singular values (no direction weaker than
+    another), PLANTED_SCALE times the weight's norm; every other parameter is the student's."""
+    import subjects
+    import torch
+
+    student = dict(subjects._hf_load(subjects.EXAMPLES / "tiny-llama", "LlamaForCausalLM")().named_parameters())
+    target = dict(subjects.planted_target().named_parameters())
+    planted = {f"{name}.weight" for name in subjects.PLANTED_LAYERS}
+    for name, w in student.items():
+        delta = (target[name] - w).detach().double()
+        if name not in planted:
+            assert torch.equal(target[name], w), name
+            continue
+        s = torch.linalg.svdvals(delta)
+        k = subjects.PLANTED_RANK
+        assert torch.allclose(s[:k], s[0].expand(k), rtol=1e-4), (name, s[: k + 1])
+        assert s[k] < 1e-4 * s[0], (name, s[: k + 1])
+        assert float(delta.norm()) == pytest.approx(subjects.PLANTED_SCALE * float(w.detach().double().norm()), rel=1e-4)
+
+
+def test_cached_ground_truth_of_another_version_of_the_subject_is_retrained(tmp_path):
+    """A rebuilt subject (another plant, another task) must not reuse truth trained on the old one."""
+    import dataclasses
+
+    import subjects
+    from trainer import Setting, cached_train
+
+    old = dataclasses.replace(subjects.SUBJECTS["reversal"](), version="v1")
+    new = dataclasses.replace(old, version="v2")
+    setting = Setting("fp32", 0, lr=1e-4)
+    first = cached_train(tmp_path, old, setting, seed=0, steps=2, eval_every=1)
+    assert first.subject_version == "v1"
+    again = cached_train(tmp_path, old, setting, seed=0, steps=2, eval_every=1)
+    assert again.wall_s == first.wall_s  # served from the cache
+    redone = cached_train(tmp_path, new, setting, seed=0, steps=2, eval_every=1)
+    assert redone.subject_version == "v2" and redone.wall_s != first.wall_s

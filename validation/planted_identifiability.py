@@ -1,30 +1,43 @@
-"""Can any gradient-based estimate see the planted rank of the planted attention layer?
+"""Is a planted rank the rank training needs, and does the audit's r_star see it?
 
-Trains the planted subject's student with plain AdamW (full fine-tuning, no probe code)
-and prints, at a few steps, r_star (smallest rank whose top singular values hold 90% of
-the gradient's norm, as hallway_audit.probe.psi.r_star) of the gradient and of the
-update accumulated since step 0, for the planted layers and two unplanted neighbours,
-and at step 0 the same for the gradient whitened by the layer's input covariance
-(G (X^T X / n + lambda I)^-1, a Newton step for that layer alone). The README's
-"Does it predict?" quotes its output.
+A planted-rank subject checks rank verdicts against a known answer only where the
+planted rank is the rank training needs. For each candidate plant (a rank-4 change with
+equal singular values, 10x the weight's norm, as `subjects.plant`) this prints:
 
-    python validation/planted_identifiability.py [--lr 1e-3] [--steps 200]
+* how many of the copy task's answers the target changes;
+* r_star (smallest rank whose top singular values hold 90% of the gradient's norm, as
+  hallway_audit.probe.psi.r_star) of every linear layer's gradient at the start, on the
+  subject's 64-example calibration batch: what the audit reads;
+* the held-out progress of LoRA restricted to the planted layers (PEFT, alpha = r,
+  AdamW lr 1e-3, 200 steps of 8 examples) at r = 1, 2, 4, 8, and of full fine-tuning
+  of those layers: no probe code, the rank training needs.
+
+The README's "Does it predict?" and subjects.PLANTED_LAYERS quote its output.
+
+    python validation/planted_identifiability.py [--steps 200]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import subjects  # validation's own module, next to this file
 
-LAYERS = ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",  # planted
-          "model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.q_proj")  # not planted
-REPORT_AT = (0, 1, 8, 32, 64, 128)
+CANDIDATES = (
+    ("model.layers.0.self_attn.q_proj",),  # the first version's attention plant
+    ("model.layers.0.self_attn.v_proj",),
+    ("model.layers.1.self_attn.o_proj",),
+    ("model.layers.1.mlp.down_proj",),
+    subjects.PLANTED_LAYERS,  # the subject as built
+)
+RANKS = (1, 2, 4, 8)
 
 
 def r_star(g: torch.Tensor, tau: float = 0.9) -> int:
@@ -33,46 +46,56 @@ def r_star(g: torch.Tensor, tau: float = 0.9) -> int:
     return int((captured >= tau).nonzero()[0]) + 1
 
 
-def whitened_r_star(model: torch.nn.Module, batch: dict[str, torch.Tensor], damping: float = 1e-2) -> dict[str, int]:
-    inputs: dict[str, list[torch.Tensor]] = {}
-    mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_hook(lambda m, i, o, n=n: inputs.setdefault(n, []).append(i[0].detach()))
-             for n in LAYERS]
-    model.zero_grad()
-    model(**batch).loss.backward()
-    for h in hooks:
-        h.remove()
-    out = {}
-    for n in LAYERS:
-        x = torch.cat(inputs[n]).reshape(-1, inputs[n][0].shape[-1]).double()
-        cov = x.T @ x / x.shape[0]
-        cov += damping * torch.linalg.eigvalsh(cov).mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
-        g = mods[n].weight.grad.double()
-        out[n] = r_star(torch.linalg.solve(cov, g.T).T)
-    return out
+def load() -> torch.nn.Module:
+    return subjects._hf_load(subjects.EXAMPLES / "tiny-llama", "LlamaForCausalLM")()
+
+
+def progress(target: torch.nn.Module, layers: tuple[str, ...], rank: int, steps: int) -> float:
+    """Held-out progress of training only `layers` (LoRA of `rank`, or fully when rank is 0)."""
+    model = load()
+    if rank:
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(layers), lora_dropout=0.0))
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(any(name.startswith(f"{layer}.") for layer in layers))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
+    held = subjects.planted_batch(256, torch.Generator().manual_seed(subjects.HELDOUT_SEED), target)
+    with torch.no_grad():
+        start = model(**held).loss.item()
+    for t in range(steps):
+        batch = subjects.planted_batch(8, torch.Generator().manual_seed(10_000 + t), target)
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (start - model(**held).loss.item()) / start
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=200)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    model = subjects._hf_load(subjects.EXAMPLES / "tiny-llama", "LlamaForCausalLM")()
-    batch = subjects.planted_batch(64, torch.Generator().manual_seed(subjects.CALIB_SEED))
-    params = dict(model.named_parameters())
-    start = {n: params[f"{n}.weight"].detach().clone() for n in LAYERS}
-    print("whitened gradient r_star at step 0:", whitened_r_star(model, batch))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    for step in range(args.steps + 1):
-        model.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        if step in REPORT_AT or step == args.steps:
-            cells = {n: (r_star(params[f"{n}.weight"].grad), r_star(params[f"{n}.weight"].detach() - start[n]) if step else 0)
-                     for n in LAYERS}
-            print(f"step {step:4d} loss {loss.item():.3f}  (gradient r_star, update r_star): {cells}")
-        opt.step()
+    tiny = subjects._tiny()
+    for layers in CANDIDATES:
+        start = time.perf_counter()
+        target = subjects.plant(load(), layers).eval()
+        batch = subjects.planted_batch(64, torch.Generator().manual_seed(subjects.CALIB_SEED), target)
+        student = load().eval()
+        with torch.no_grad():
+            own = student(input_ids=batch["input_ids"]).logits.argmax(-1)[:, tiny.SPAN : -1]
+        changed = (own != batch["labels"][:, tiny.SPAN + 1 :]).float().mean().item()
+        student.zero_grad()
+        student(**batch).loss.backward()
+        stars = {n.removesuffix(".weight"): r_star(p.grad) for n, p in student.named_parameters()
+                 if p.ndim == 2 and n.startswith("model.layers.")}
+        trained = {r: progress(target, layers, r, args.steps) for r in (*RANKS, 0)}
+        others = sorted(v for k, v in stars.items() if k not in layers)
+        print(f"plant in {', '.join(layers)}: {changed:.0%} of the answers change", flush=True)
+        print(f"  gradient r_star: planted {', '.join(f'{k}={stars[k]}' for k in layers)}; others {others}")
+        print("  progress training only the planted layers: "
+              + ", ".join(f"r{r} {trained[r]:.3f}" for r in RANKS)
+              + f", full {trained[0]:.3f}; r1 / r8 = {trained[1] / trained[8]:.2f}"
+              + f"  ({time.perf_counter() - start:.0f} s)")
 
 
 if __name__ == "__main__":

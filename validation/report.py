@@ -194,8 +194,10 @@ def decay_stalls(settings: list[Setting], truth: dict[str, list[RunResult]], aud
 
 
 def planted_check(meta: dict[str, Any], settings: list[Setting], audits: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per LoRA setting: which layers the audit says need a higher rank, and r_star of the planted ones."""
+    """Per LoRA setting: which layers the audit says need a higher rank, r_star of the planted
+    ones, and whether each is within a factor 2 of the planted rank (the issue's bar)."""
     planted = set(meta["planted_layers"])
+    rank = meta["planted_rank"]
     out = []
     for s in settings:
         a = audits.get(s.id)
@@ -207,6 +209,8 @@ def planted_check(meta: dict[str, Any], settings: list[Setting], audits: dict[st
         out.append({"setting": s.id, "flagged": len(flagged), "planted_flagged": sorted(flagged & planted),
                     "others_flagged": len(flagged - planted),
                     "r_star_planted": {k: r_star.get(k) for k in sorted(planted)},
+                    "r_star_within_2x": all(isinstance(r_star.get(k), int) and rank / 2 <= r_star[k] <= 2 * rank
+                                            for k in planted),
                     "r_star_others_median": statistics.median(others) if others else None})
     return out
 
@@ -312,8 +316,9 @@ def markdown(doc: dict[str, Any]) -> str:
             lines += ["", f"Planted change: rank {s['meta']['planted_rank']} in {', '.join(s['meta']['planted_layers'])}.", ""]
             body = [[f"`{p['setting']}`", str(p["flagged"]), ", ".join(p["planted_flagged"]) or "-", str(p["others_flagged"]),
                      ", ".join(f"{k.split('model.')[-1]}={v}" for k, v in p["r_star_planted"].items()),
+                     "yes" if p.get("r_star_within_2x") else "**no**",
                      str(p["r_star_others_median"])] for p in s["planted"]]
             lines += _table(["setting", "layers flagged needs_higher_rank", "planted flagged", "others flagged",
-                             "r_star planted", "r_star others (median)"], body)
+                             "r_star planted", "within 2x of planted", "r_star others (median)"], body)
         lines.append("")
     return "\n".join(lines) + "\n"

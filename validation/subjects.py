@@ -48,6 +48,7 @@ class Subject:
     loss: Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
     settings: list[Setting]
     build: Callable[[], None] = lambda: None
+    version: str = ""  # identifies the task's data: cached ground truth of another version is redone
     heads: tuple[str, ...] = ("lm_head",)
     attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     eval_chunk: int = 64
@@ -225,34 +226,52 @@ def sorting() -> Subject:
 
 # ---------------------------------------------------------------- planted rank
 
-PLANTED_LAYERS = ("model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj")
+# Planted where training needs the planted rank (validation/planted_identifiability.py):
+# training only layer 1's o_proj with LoRA realizes 0.45 / 0.66 / 0.77 / 0.88 of the
+# held-out loss at r = 1 / 2 / 4 / 8, and only both planted layers 0.69 / 0.80 / 0.89 / 0.93.
+# The first version planted in layer 0's q_proj instead, where r = 1 already realizes
+# 87% of r = 8: its planted rank was not the rank training needs, so no r_star could match it.
+PLANTED_LAYERS = ("model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj")
 PLANTED_RANK = 4
-PLANTED_SCALE = 10.0  # ||delta||_F / ||W||_F: the target disagrees with the student on ~2/3 of the answers
+PLANTED_SCALE = 10.0  # ||delta||_F / ||W||_F: the target disagrees with the student on 70% of the answers
+
+
+def plant(model: nn.Module, layers: tuple[str, ...] = PLANTED_LAYERS, rank: int = PLANTED_RANK,
+          scale: float = PLANTED_SCALE, seed: int = 4) -> nn.Module:
+    """Add to each layer's weight a change with `rank` equal singular values (orthonormal
+    factors), scaled to `scale` times the weight's norm: every planted direction is as
+    strong as the others, so the planted rank is the change's rank in every sense."""
+    gen = torch.Generator().manual_seed(seed)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name in layers:
+            w = mods[name].weight
+            u, _ = torch.linalg.qr(torch.randn(w.shape[0], rank, generator=gen))
+            v, _ = torch.linalg.qr(torch.randn(w.shape[1], rank, generator=gen))
+            delta = u @ v.T
+            w += delta * (scale * w.norm() / delta.norm())
+    return model
+
+
+#: what identifies the planted task: ground truth and calibration built for another are redone
+PLANTED_STAMP = json.dumps({"layers": PLANTED_LAYERS, "rank": PLANTED_RANK, "scale": PLANTED_SCALE,
+                            "factors": "orthonormal"})
 
 
 @cache
 def planted_target() -> nn.Module:
     """The student plus a rank-4 change in PLANTED_LAYERS (fixed seed)."""
-    model = _hf_load(EXAMPLES / "tiny-llama", "LlamaForCausalLM")()
-    gen = torch.Generator().manual_seed(4)
-    mods = dict(model.named_modules())
-    with torch.no_grad():
-        for name in PLANTED_LAYERS:
-            w = mods[name].weight
-            u = torch.randn(w.shape[0], PLANTED_RANK, generator=gen)
-            v = torch.randn(PLANTED_RANK, w.shape[1], generator=gen)
-            delta = u @ v
-            w += delta * (PLANTED_SCALE * w.norm() / delta.norm())
+    model = plant(_hf_load(EXAMPLES / "tiny-llama", "LlamaForCausalLM")())
     model.eval()
     return model
 
 
-def planted_batch(n: int, gen: torch.Generator) -> Batch:
+def planted_batch(n: int, gen: torch.Generator, target: nn.Module | None = None) -> Batch:
     """Copy-task inputs; labels = the target's greedy next token on the answer positions."""
     tiny = _tiny()
     ids = tiny.copy_task(n, gen)
     with torch.no_grad():
-        pred = planted_target()(input_ids=ids).logits.argmax(-1)
+        pred = (target or planted_target())(input_ids=ids).logits.argmax(-1)
     labels = torch.full_like(ids, -100)
     labels[:, tiny.SPAN + 1 :] = pred[:, tiny.SPAN : -1]  # HF shifts labels left by one
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -288,7 +307,7 @@ def planted() -> Subject:
 
     def build() -> None:
         calib = out / "calib.safetensors"
-        stamp = json.dumps({"layers": PLANTED_LAYERS, "rank": PLANTED_RANK, "scale": PLANTED_SCALE})
+        stamp = PLANTED_STAMP
         if calib.is_file():
             from safetensors import safe_open
 
@@ -302,7 +321,7 @@ def planted() -> Subject:
     return Subject(
         "planted", f"tiny Llama must match a target = itself + a rank-{PLANTED_RANK} change in {', '.join(PLANTED_LAYERS)}",
         d, out / "calib.safetensors", _hf_load(d, "LlamaForCausalLM"), planted_batch, losses.causal_lm,
-        _planted_grid(), build=build,
+        _planted_grid(), build=build, version=PLANTED_STAMP,
         meta={"planted_layers": list(PLANTED_LAYERS), "planted_rank": PLANTED_RANK, "planted_scale": PLANTED_SCALE},
     )
 

@@ -118,6 +118,7 @@ class RunResult:
     trainable: int = 0
     quantized: int = 0
     version: int = TRAINER_VERSION
+    subject_version: str = ""  # Subject.version: the task's data this run trained on
 
     @property
     def l0(self) -> float:
@@ -235,7 +236,7 @@ def train(subject: Subject, setting: Setting, seed: int, steps: int, eval_every:
     model.train()  # subjects build models without dropout: train() == eval()
     heldout = subject.heldout()
     quant = quantized_params(model, setting, subject.heads)
-    result = RunResult(subject.name, asdict(setting), setting.id, seed, steps)
+    result = RunResult(subject.name, asdict(setting), setting.id, seed, steps, subject_version=subject.version)
     result.quantized = sum(getattr(m, a).numel() for m, a in quant)
 
     adapters: list[nn.Parameter] = []
@@ -298,12 +299,13 @@ def cache_path(out: Path, subject: str, setting: Setting, seed: int, steps: int,
 
 def cached_train(out: Path, subject: Subject, setting: Setting, seed: int, steps: int, kind: str = "truth",
                  **kwargs: Any) -> RunResult:
-    """train() with its result cached as JSON under out/runs/, keyed by subject+setting+seed+steps."""
+    """train() with its result cached as JSON under out/runs/, keyed by subject+setting+seed+steps;
+    a result from another trainer version or another version of the subject's data is redone."""
     path = cache_path(out, subject.name, setting, seed, steps, kind)
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-            if data.get("version") == TRAINER_VERSION:
+            if data.get("version") == TRAINER_VERSION and data.get("subject_version", "") == subject.version:
                 return RunResult.from_json(data)
         except (ValueError, TypeError, KeyError):
             pass
