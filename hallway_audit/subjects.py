@@ -27,8 +27,8 @@ def _setting_context(fmt: str, lr: float, rounds_stored: int = 1) -> dict[str, M
 def rounds_stored(settings: Iterable[Setting]) -> dict[str, int]:
     """Per weight format: 1 when some planned setting updates weights stored in it
     without fp32 master weights (sub-ULP steps then round away), 0 when every setting
-    keeps master weights or trains adapters over a frozen base. Formats the plan does
-    not probe (a static-only run) are absent: the static rules assume they may."""
+    keeps master weights or trains adapters over a frozen base. A format absent from
+    the map (a caller that knows nothing of the plan) is assumed to be stepped."""
     out: dict[str, int] = {}
     for s in settings:
         stepped = s.precision.master_weights == "none" and not (s.subspace.kind == "lora" and s.subspace.base == "frozen")
@@ -53,7 +53,8 @@ def _scoped_model(static: StaticResult, fmt: str, scope: FormatScope) -> FormatT
 
 def static_subjects(static: StaticResult, stored: dict[str, int] | None = None,
                     scope: FormatScope | None = None) -> Iterator[Subject]:
-    """`stored`: rounds_stored() of the plan's settings (None: a static-only run);
+    """`stored`: per format, 1 when the plan steps weights stored in it without master
+    weights (rounds_stored(); None: unknown, assumed stepped);
     `scope`: which layers each format applies to (scope.format_scope; None: all)."""
     stored = stored or {}
     for layer in static.layers:

@@ -65,7 +65,8 @@ def test_the_probe_leaves_the_head_in_fp32_under_a_coarse_format(quantize, head_
 
 
 def _nf4_findings(capsys, *extra: str) -> set[tuple[str, str]]:
-    code = main([str(EXAMPLE), "--precision", "nf4,bf16", "-q", "--format", "json", *extra])
+    # planned without master weights, so the "cannot move" rules apply to every layer nf4 covers
+    code = main([str(EXAMPLE), "--precision", "nf4,bf16", "--master-weights", "none", "-q", "--format", "json", *extra])
     doc = json.loads(capsys.readouterr().out)
     assert code in (0, 1)
     return {(f["rule"], f["layer"]) for f in doc["findings"] if f.get("setting") == "nf4" and f.get("layer")}
@@ -100,3 +101,23 @@ def test_bert_presets_put_each_layer_in_one_preset():
     assert mlp == {"encoder.layer.0.intermediate.dense", "encoder.layer.0.output.dense"}
     assert attention == {f"encoder.layer.0.attention.self.{k}" for k in ("query", "key", "value")} | {
         "encoder.layer.0.attention.output.dense"}
+
+
+def test_static_cannot_move_follows_the_planned_master_weights(capsys):
+    """A static-only run knows the plan's --master-weights: with fp32 master weights (the
+    default) sub-ULP steps accumulate, so "cannot move" does not apply; planned without
+    them, every linear layer of the example is warned in fp8 at lr 1e-4, and the model too."""
+    def cannot_move(*extra: str) -> set[tuple[str, str | None]]:
+        code = main([str(EXAMPLE), "--precision", "fp8_e4m3", "-q", "--format", "json", *extra])
+        doc = json.loads(capsys.readouterr().out)
+        assert code == 0  # warnings never fail the default gate
+        return {(f["rule"], f.get("layer")) for f in doc["findings"] if "cannot-move" in f["rule"]}
+
+    assert cannot_move() == set()
+    assert cannot_move("--master-weights", "fp32") == set()
+    stepped = cannot_move("--master-weights", "none")
+    assert ("model-weights-cannot-move", None) in stepped
+    assert {layer for rule, layer in stepped if rule == "weights-cannot-move"} >= {
+        "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
+    # a sweep of both: some setting steps without them, so the warnings stand
+    assert cannot_move("--master-weights", "fp32,none") == stepped

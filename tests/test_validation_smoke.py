@@ -123,3 +123,21 @@ def test_cached_ground_truth_of_another_version_of_the_subject_is_retrained(tmp_
     assert again.wall_s == first.wall_s  # served from the cache
     redone = cached_train(tmp_path, new, setting, seed=0, steps=2, eval_every=1)
     assert redone.subject_version == "v2" and redone.wall_s != first.wall_s
+
+
+def test_spearman_bootstrap_intervals():
+    import random
+
+    rng = random.Random(1)
+    ys = [rng.random() for _ in range(20)]
+    monotone = [y**3 for y in ys]  # the same ranks: every resample gives rho = 1
+    noise = [rng.random() for _ in ys]
+    (m_lo, m_hi), (n_lo, n_hi), (d_lo, d_hi) = stats.spearman_bootstrap([monotone, noise], ys, resamples=500, seed=0)
+    assert m_lo == m_hi == pytest.approx(1.0)
+    assert n_lo < stats.spearman(noise, ys)[0] < n_hi and n_lo < 0.0 < n_hi  # an unrelated predictor: 0 inside
+    assert 0.0 < d_lo <= d_hi  # the paired difference excludes 0 when one predictor is exact and the other noise
+    # the same predictor twice: the paired difference is exactly 0 on every resample
+    (_, _), (_, _), (z_lo, z_hi) = stats.spearman_bootstrap([noise, noise], ys, resamples=200, seed=3)
+    assert z_lo == z_hi == 0.0
+    # fixed seed: reproducible
+    assert stats.spearman_bootstrap([noise], ys, resamples=200, seed=5) == stats.spearman_bootstrap([noise], ys, resamples=200, seed=5)

@@ -14,10 +14,11 @@ import math
 import statistics
 from typing import Any
 
-from stats import confusion, spearman
+from stats import confusion, spearman, spearman_bootstrap
 from trainer import RunResult, Setting
 
 STUCK_FRACTION = 0.10
+BOOTSTRAP_SEED = 0  # resamples of the settings behind every Spearman interval
 NOISE_MULTIPLE = 2.0
 #: audit figures whose Spearman vs progress the report shows (if the JSON has them)
 PREDICTORS = ("psi", "psi_rank", "p_t", "p_t_lo", "p_t_val", "p_t_descent", "beta", "beta_min", "beta_eff", "beta_proposed",
@@ -108,6 +109,19 @@ def analyse(subject: Any, settings: list[Setting], truth: dict[str, list[RunResu
         if f"trial{k}" in rows[0]:
             rho, n = spearman([r[f"trial{k}"] for r in rows], progress)
             corr[f"trial{k}"] = {"rho": rho, "n": n}
+    # how sure: intervals for the score, each trial, and the score minus each trial (paired)
+    versus = {}
+    if "score" in corr:
+        xs = [r["scores"].get("score", math.nan) for r in rows]
+        for k in trial_steps:
+            if f"trial{k}" not in corr:
+                continue
+            pair = [(x, r[f"trial{k}"], y) for x, r, y in zip(xs, rows, progress, strict=True) if math.isfinite(x)]
+            a, b, ys = (list(t) for t in zip(*pair, strict=True))
+            (s_lo, s_hi), (t_lo, t_hi), (d_lo, d_hi) = spearman_bootstrap([a, b], ys, seed=BOOTSTRAP_SEED)
+            corr["score"].update(lo=s_lo, hi=s_hi)
+            corr[f"trial{k}"].update(lo=t_lo, hi=t_hi)
+            versus[f"trial{k}"] = {"difference": spearman(a, ys)[0] - spearman(b, ys)[0], "lo": d_lo, "hi": d_hi}
 
     gate = confusion([r["audit_passed"] for r in rows], actual)
     classifiers = {"audit gate": gate}
@@ -134,6 +148,7 @@ def analyse(subject: Any, settings: list[Setting], truth: dict[str, list[RunResu
            "n_settings": len(rows), "n_trains": sum(actual),
            "n_audited": sum(r["audit_passed"] is not None for r in rows),
            "audit_fingerprints": sorted({a["fingerprint"] for a in audits.values() if a.get("fingerprint")}), "rows": rows, "spearman": corr,
+           "score_vs_trials": versus,
            "classifiers": classifiers, "recommendations": recs, "costs": costs}
     if subject.meta.get("planted_layers"):
         out["planted"] = planted_check(subject.meta, settings, audits)
@@ -193,6 +208,12 @@ def decay_stalls(settings: list[Setting], truth: dict[str, list[RunResult]], aud
     return out
 
 
+def _interval(d: dict[str, float] | None) -> str:
+    if not d:
+        return "n/a"
+    return f"{d['difference']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+
 def planted_check(meta: dict[str, Any], settings: list[Setting], audits: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Per LoRA setting: which layers the audit says need a higher rank, r_star of the planted
     ones, and whether each is within a factor 2 of the planted rank (the issue's bar)."""
@@ -209,8 +230,9 @@ def planted_check(meta: dict[str, Any], settings: list[Setting], audits: dict[st
         out.append({"setting": s.id, "flagged": len(flagged), "planted_flagged": sorted(flagged & planted),
                     "others_flagged": len(flagged - planted),
                     "r_star_planted": {k: r_star.get(k) for k in sorted(planted)},
-                    "r_star_within_2x": all(isinstance(r_star.get(k), int) and rank / 2 <= r_star[k] <= 2 * rank
-                                            for k in planted),
+                    # over the planted layers this setting adapts (an attention-only plan has no r_star for an MLP)
+                    "r_star_within_2x": bool(adapted := [r_star[k] for k in planted if isinstance(r_star.get(k), int)])
+                    and all(rank / 2 <= r <= 2 * rank for r in adapted),
                     "r_star_others_median": statistics.median(others) if others else None})
     return out
 
@@ -245,6 +267,12 @@ def markdown(doc: dict[str, Any]) -> str:
         finite = [v for v in vals if math.isfinite(v)]
         body.append([n, *(_f(v, 2) for v in vals), _f(statistics.fmean(finite), 2) if finite else "n/a"])
     lines += [*_table(["predictor", *(s["subject"] for s in subjects), "mean"], body), ""]
+    if any(s.get("score_vs_trials") for s in subjects):
+        lines += ["Spearman of `score` minus a k-step trial's, with a 95% percentile-bootstrap interval "
+                  "(2000 resamples of the settings, paired):", ""]
+        ks = sorted({k for s in subjects for k in s.get("score_vs_trials", {})}, key=lambda k: int(k[5:]))
+        body = [[f"score - {k}", *(_interval(s.get("score_vs_trials", {}).get(k)) for s in subjects)] for k in ks]
+        lines += [*_table(["", *(s["subject"] for s in subjects)], body), ""]
     lines += ["## Summary: classifiers (balanced accuracy; tp/fn/fp/tn, positive = trains)", ""]
     cls_names: list[str] = []
     for s in subjects:
@@ -252,11 +280,17 @@ def markdown(doc: dict[str, Any]) -> str:
     body = []
     for n in cls_names:
         cells = []
+        pooled = dict.fromkeys(("tp", "fn", "fp", "tn"), 0)
         for s in subjects:
             c = s["classifiers"].get(n)
             cells.append("n/a" if c is None else f"{_f(c['balanced_accuracy'], 2)} ({int(c['tp'])}/{int(c['fn'])}/{int(c['fp'])}/{int(c['tn'])})")
+            for key in pooled:
+                pooled[key] += int(c[key]) if c else 0
+        rates = [pooled["tp"] / (pooled["tp"] + pooled["fn"]) if pooled["tp"] + pooled["fn"] else math.nan,
+                 pooled["tn"] / (pooled["tn"] + pooled["fp"]) if pooled["tn"] + pooled["fp"] else math.nan]
+        cells.append(f"{_f(statistics.fmean(rates), 2)} ({pooled['tp']}/{pooled['fn']}/{pooled['fp']}/{pooled['tn']})")
         body.append([n, *cells])
-    lines += [*_table(["classifier", *(s["subject"] for s in subjects)], body), ""]
+    lines += [*_table(["classifier", *(s["subject"] for s in subjects), "pooled"], body), ""]
     lines += ["## Summary: recommendation regret (vs best no more expensive / vs best overall)", ""]
     body = []
     rec_names: list[str] = []

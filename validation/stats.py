@@ -63,3 +63,37 @@ def confusion(predicted: Sequence[bool | None], actual: Sequence[bool]) -> dict[
     out: dict[str, float] = {k: float(v) for k, v in c.items()}
     out.update(tpr=tpr, tnr=tnr, balanced_accuracy=sum(parts) / len(parts) if parts else math.nan)
     return out
+
+
+def _percentile(sorted_xs: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    pos = q * (len(sorted_xs) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def spearman_bootstrap(predictors: Sequence[Sequence[float]], ys: Sequence[float], resamples: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> list[tuple[float, float]]:
+    """Percentile-bootstrap intervals of each predictor's Spearman rho against ys, resampling
+    the settings (the same resample for every predictor, so their intervals are comparable).
+    With two or more predictors, one more interval follows: predictors[0]'s rho minus
+    predictors[1]'s, paired on each resample. A resample where a rho is undefined (a
+    constant predictor) is skipped."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(ys)
+    draws: list[list[float]] = [[] for _ in range(len(predictors) + (len(predictors) >= 2))]
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        rhos = [spearman([xs[i] for i in idx], [ys[i] for i in idx])[0] for xs in predictors]
+        if not all(math.isfinite(r) for r in rhos):
+            continue
+        for k, r in enumerate(rhos):
+            draws[k].append(r)
+        if len(predictors) >= 2:
+            draws[-1].append(rhos[0] - rhos[1])
+    tail = (1 - level) / 2
+    return [(_percentile(sorted(d), tail), _percentile(sorted(d), 1 - tail)) if d else (math.nan, math.nan)
+            for d in draws]

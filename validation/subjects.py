@@ -227,10 +227,10 @@ def sorting() -> Subject:
 # ---------------------------------------------------------------- planted rank
 
 # Planted where training needs the planted rank (validation/planted_identifiability.py):
-# training only layer 1's o_proj with LoRA realizes 0.45 / 0.66 / 0.77 / 0.88 of the
-# held-out loss at r = 1 / 2 / 4 / 8, and only both planted layers 0.69 / 0.80 / 0.89 / 0.93.
+# training only layer 1's o_proj with LoRA realizes 0.50 / 0.64 / 0.85 / 0.90 of the
+# held-out loss at r = 1 / 2 / 4 / 8, and only both planted layers 0.73 / 0.80 / 0.90 / 0.92.
 # The first version planted in layer 0's q_proj instead, where r = 1 already realizes
-# 87% of r = 8: its planted rank was not the rank training needs, so no r_star could match it.
+# 80% of r = 8: its planted rank was not the rank training needs, so no r_star could match it.
 PLANTED_LAYERS = ("model.layers.1.mlp.down_proj", "model.layers.1.self_attn.o_proj")
 PLANTED_RANK = 4
 PLANTED_SCALE = 10.0  # ||delta||_F / ||W||_F: the target disagrees with the student on 70% of the answers

@@ -54,6 +54,7 @@ DEFAULTS: dict[str, object] = {
     "schedule": Schedule.kind,
     "warmup": Schedule.warmup,
     "lr_min": Schedule.lr_min,
+    "master_weights": SweepSpec().master_weights,
 }
 
 
@@ -89,6 +90,9 @@ class AuditPlan:
     dynamic: DynamicPlan | None = None
     jobs: int | None = None  # static audit processes; None: the CPUs available (static.available_cpus)
     quantize: str = "auto"  # which layers a coarse format applies to (scope.format_scope), static rules too
+    # a static-only run's plan for the weights' updates: with fp32 master weights sub-ULP steps
+    # accumulate, so the static "cannot move" rules apply only to formats planned without them
+    master_weights: tuple[str, ...] = ("fp32",)
 
 
 @dataclass
@@ -302,6 +306,7 @@ def _assemble(values: Mapping[str, object], where: Mapping[str, str]) -> AuditPl
         spectral=bool(values.get("spectral", False)),
         jobs=values.get("jobs"),  # type: ignore[arg-type]
         quantize=str(values.get("quantize", "auto")),
+        master_weights=tuple(_get(values, "master_weights")),  # type: ignore[arg-type]
         fail_on=str(_get(values, "fail_on")),
         device=str(_get(values, "device")),
         dynamic=dynamic,
