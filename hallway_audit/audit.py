@@ -206,13 +206,17 @@ def audit(
 
 def _static_scope(static: StaticResult, quantize: str, prepared: _PreparedDynamic | None) -> FormatScope:
     """Which layers each format applies to under the plan's --quantize: from the model's
-    linear layers when there is one, guessed from the checkpoint's names otherwise."""
+    linear layers when there is one, guessed from the checkpoint's names otherwise, and
+    for checkpoint tensors the model names differently (transformers v5 fuses MoE experts
+    stored one matrix per expert on disk into one stacked parameter)."""
     from .probe.targets import parameter_universe
 
-    if prepared is not None:
-        linear = quantized_linear_layers(parameter_universe(prepared.loaded.module))
-    else:
-        linear = guessed_linear_layers((layer.name, [t.shape for t in layer.tensors]) for layer in static.layers)
+    stored = [(layer.name, [t.shape for t in layer.tensors]) for layer in static.layers]
+    if prepared is None:
+        return format_scope(quantize, guessed_linear_layers(stored))
+    universe = parameter_universe(prepared.loaded.module)
+    named = {p.layer for p in universe}
+    linear = quantized_linear_layers(universe) | guessed_linear_layers(s for s in stored if s[0] not in named)
     return format_scope(quantize, linear)
 
 

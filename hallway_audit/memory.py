@@ -387,7 +387,7 @@ def estimate_memory(
             if lora:
                 trainable += FLOAT32 * phi * train_examples  # per-example adapter gradients
             add(cd, "trainable", trainable, *both)
-            rounds = fmt_rounds and (cast_all or p.linear)
+            rounds = fmt_rounds and (cast_all or p.matrix_weight)
             if rounds and (sub.kind == "lora" or not trained_w):
                 add(cd, "copies", FLOAT32 * n, *both)  # the frozen base rounded once: Q(W0)
             add(cd, "gradients", FLOAT32 * n * 2, split)

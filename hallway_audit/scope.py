@@ -25,8 +25,8 @@ _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embed_positions|embeddings?|word_e
 
 def quantized_linear_layers(params: Iterable[ParamInfo]) -> set[str]:
     """Layers whose weight a coarse format quantizes, from the model: nn.Linear weights
-    other than the output head."""
-    return {p.layer for p in params if p.linear and not is_head(p.layer)}
+    and fused MoE expert stacks, other than the output head."""
+    return {p.layer for p in params if p.matrix_weight and not is_head(p.layer)}
 
 
 def guessed_linear_layers(layers: Iterable[tuple[str, Iterable[tuple[int, ...]]]]) -> set[str]:

@@ -101,3 +101,53 @@ def test_a_vision_model_trains_on_pixel_values(tmp_path, capsys):
     assert doc["dynamic"]["loss"] == "model_loss" and doc["dynamic"]["tokens"] == 12  # 12 training examples
     adapted = {layer["name"] for layer in doc["settings"][0]["layers"] if layer.get("planned_rank")}
     assert adapted and not any("classifier" in name for name in adapted)
+
+
+def _tiny_mixtral() -> torch.nn.Module:
+    return _quiet(lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)))
+
+
+def test_fused_moe_experts_are_quantized_like_linear_weights():
+    """transformers v5 holds an MoE layer's experts as one 3-D parameter, not nn.Linear;
+    fp8 / nf4 recipes quantize the experts, so the probe must too (the router stays)."""
+    from hallway_audit.probe import OptimizerSpec, PrecisionStack, Setting, Subspace
+    from hallway_audit.probe.realize import Realization
+    from hallway_audit.probe.targets import param_dict
+
+    model = _tiny_mixtral()
+    params = parameter_universe(model)
+    stacked = {p.name for p in params if p.stacked}
+    experts = {n for n, p in model.named_parameters() if p.dim() == 3}
+    assert stacked == experts and experts  # every fused expert stack, nothing else
+    assert not any(p.linear for p in params if p.stacked)  # never a LoRA target
+    for fmt, quantize in (("fp8_e4m3", "auto"), ("nf4", "auto"), ("fp8_e4m3", "linear")):
+        setting = Setting(PrecisionStack(fmt, scope=quantize), Subspace("full"), OptimizerSpec("adamw", 1e-4))
+        real = Realization(setting, params, param_dict(model), torch.Generator().manual_seed(0))
+        assert all(real.quantized(n) for n in experts), fmt
+        assert not real.quantized("model.embed_tokens.weight") and not real.quantized("lm_head.weight")
+        router = [n for n in dict(model.named_parameters()) if n.endswith("gate.weight") and "experts" not in n]
+        assert router and not any(real.quantized(n) for n in router)
+
+
+def test_moe_experts_stored_per_expert_keep_their_static_figures_in_a_dynamic_run(tmp_path, capsys):
+    """On disk the experts are one matrix each (`block_sparse_moe.experts.0.w1`), in memory one
+    stacked parameter: the dynamic run's scope still shows fp8's figures of the stored
+    experts, and its bursts round the stacked experts (no master weights: none crosses)."""
+    model = _tiny_mixtral()
+    model.save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, V, (16, 8), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids, "labels": ids.clone()}, str(tmp_path / "calib.safetensors"))
+    code = main([str(tmp_path / "model"), "--calib", str(tmp_path / "calib.safetensors"), "--precision", "fp8_e4m3",
+                 "--master-weights", "none", "--steps", "2", "--samples", "8", "-q", "--format", "json"])
+    assert code in (0, 1)
+    doc = json.loads(capsys.readouterr().out)
+    stored_experts = [layer["name"] for layer in doc["static"]["layers"] if ".experts." in layer["name"]]
+    assert stored_experts  # the checkpoint's per-expert matrices
+    warned = {f["layer"] for f in doc["findings"] if f["rule"] == "weights-cannot-move"}
+    assert set(stored_experts) <= warned  # fp8 applies to them: their static figures are evaluated
+    layers = {layer["name"]: layer for layer in doc["settings"][0]["layers"]}
+    fused = [name for name in layers if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert fused and all(layers[name]["beta"] == 0.0 for name in fused)  # rounded onto fp8: lr 1e-4 never crosses
+    assert layers["model.embed_tokens"]["beta"] > 0.0  # fp32 under fp8's scope: it moves

@@ -249,7 +249,7 @@ def _rounds_trained_weights(setting: Setting, params: Sequence[ParamInfo]) -> bo
         return False
     if sub.kind == "lora":
         return sub.base == "merged"
-    return p.applies_to_all() or any(q.linear for q in params)
+    return p.applies_to_all() or any(q.matrix_weight for q in params)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

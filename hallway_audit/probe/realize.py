@@ -161,9 +161,10 @@ class Realization:
 
     # -- the lattice ---------------------------------------------------------------
     def quantized(self, name: str) -> bool:
-        """Does the weight format apply to parameter `name` (scope: all or linear weights)?"""
+        """Does the weight format apply to parameter `name` (scope: all, or linear weights and
+        stacked expert matrices)?"""
         info = self.info[name]
-        return self.quantizes and (self.all_params or (info.linear and not is_head(info.layer)))
+        return self.quantizes and (self.all_params or (info.matrix_weight and not is_head(info.layer)))
 
     def weight_format(self, name: str) -> Format | None:
         """The lattice the stored W-space value of trainable `name` lives on; None for a

@@ -24,6 +24,14 @@ class ParamInfo:
     shape: tuple[int, ...]  # as the probe holds it: (out, in) for every linear weight
     linear: bool  # the weight of a linear layer (nn.Linear, Conv1D): a matrix LoRA can adapt
     transposed: bool = False  # a Conv1D weight: stored (in, out), held by the probe as (out, in)
+    # a 3-D stack of expert matrices (transformers' fused MoE experts, `mlp.experts.gate_up_proj`):
+    # fp8 / int / nf4 / MX recipes quantize it like linear weights; LoRA cannot adapt it
+    stacked: bool = False
+
+    @property
+    def matrix_weight(self) -> bool:
+        """A weight a coarse format quantizes (when it is not the output head)."""
+        return self.linear or self.stacked
 
 
 def is_conv1d(m: nn.Module) -> bool:
@@ -61,7 +69,10 @@ def parameter_universe(module: nn.Module) -> list[ParamInfo]:
         if not p.dtype.is_floating_point:
             continue
         shape = tuple(p.shape)[::-1] if name in transposed else tuple(p.shape)
-        out.append(ParamInfo(name, layer_name(name), shape, name in linear_weights and p.dim() == 2, name in transposed))
+        layer = layer_name(name)
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        stacked = p.dim() == 3 and owner.rsplit(".", 1)[-1].lower().endswith("experts")
+        out.append(ParamInfo(name, layer, shape, name in linear_weights and p.dim() == 2, name in transposed, stacked))
     return out
 
 
