@@ -421,6 +421,8 @@ def test_audit_checks_a_dynamic_plan_built_in_python(work):
 def test_audit_plan_filled_by_hand_is_checked(work):
     with pytest.raises(UsageError, match=r"plan\.lr"):
         audit(work / "net.safetensors", AuditPlan(lr=float("nan"), device="cpu"))
+    with pytest.raises(UsageError, match=r"plan\.master_weights: expected one of fp32, none, got 'fp16'"):
+        audit(work / "net.safetensors", AuditPlan(master_weights=("fp16",), device="cpu"))
     with pytest.raises(UsageError, match="plan must be an AuditPlan"):
         audit(work / "net.safetensors", {"lr": 1e-4})  # type: ignore[arg-type]
 

@@ -411,6 +411,8 @@ def check_plan(plan: AuditPlan, names: Mapping[str, str] | None = None) -> None:
     if plan.jobs is not None:
         check_value("jobs", plan.jobs, name("jobs"))
     check_value("fail_on", plan.fail_on, name("fail_on"))
+    check_value("master_weights", list(plan.master_weights) if isinstance(plan.master_weights, tuple)
+                else plan.master_weights, name("master_weights"))
     if isinstance(plan.device, str):
         check_value("device", plan.device, name("device"))
     if plan.dynamic is not None:
