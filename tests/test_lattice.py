@@ -282,3 +282,50 @@ def test_low_precision_inputs_convert_exactly(name, dtype):
     q = fmt.quantize(x)
     assert q.dtype == torch.float32 and q.shape == x.shape
     assert same_bits(q.numpy(), cast(name, x.float().numpy()))
+
+
+def _pairs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) pairs over the named edge cases: zero and negative zero, subnormals, max
+    finite and past it, ties between neighbours, infinities and NaN, and random values
+    moved by a fraction of their ULP, one ULP, or many."""
+    fi = FINFO[name]
+    tiny, top = float(fi.smallest_subnormal), float(fi.max)
+    pattern_values = all_values(name)[:4096] if name in SMALL else np.array([0.5, 1.0, 3.0, 1e30], dtype=np.float32)
+    edge = torch.tensor([0.0, -0.0, tiny, -tiny, tiny / 2, 1.5 * tiny, top, -top, 1.5 * top, float("inf"),
+                         float("-inf"), float("nan"), 1.0, -1.0, float(fi.tiny)], dtype=torch.float32)
+    values = torch.from_numpy(pattern_values.copy())
+    values = values[torch.isfinite(values)]
+    mids = (values[:-1] + values[1:]) / 2  # ties, and points on either side of them
+    gen = torch.Generator().manual_seed(0)
+    rand = torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-6, 3, (4000,), generator=gen)
+    ulp = get_format(name).ulp(rand)
+    moved = [rand + ulp * f for f in (0.3, -0.49, 0.5, 0.51, 1.0, -1.0, 7.0)]
+    a = torch.cat([edge.repeat_interleave(len(edge)), mids, mids, *(rand for _ in moved), values])
+    b = torch.cat([edge.repeat(len(edge)), mids.nextafter(torch.tensor(float("inf"))),
+                   mids.nextafter(torch.tensor(float("-inf"))), *moved, -values])
+    return a, b
+
+
+@pytest.mark.parametrize("name", [*FLOATS, "fp32"])
+def test_cells_differ_is_cell_id_and_ml_dtypes_rounding(name):
+    """A plain float's fast crossing test (compare the nearest roundings) against its
+    own cell_id and against ml_dtypes' casts after saturation (NaN is one cell)."""
+    a, b = _pairs(name)
+    lat = get_format(name).at(a)
+    fast = lat.cells_differ(a, b)
+    assert torch.equal(fast, lat.cell_id(a) != lat.cell_id(b))
+    assert fast.any() and not fast.all()  # the pairs exercise both answers
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    assert torch.equal(fast[nan_a | nan_b], (nan_a != nan_b)[nan_a | nan_b])  # NaN: one cell of its own
+    if name == "fp32":
+        return
+    dt = SMALL[name][0]
+    top = float(FINFO[name].max)
+
+    def cast(x: torch.Tensor) -> np.ndarray:
+        return x.clamp(-top, top).numpy().astype(dt).astype(np.float32)  # the tool saturates, ml_dtypes does not
+
+    qa, qb = cast(a), cast(b)
+    oracle = (qa != qb) & ~(np.isnan(qa) & np.isnan(qb))
+    finite = ~(nan_a | nan_b).numpy()  # fp6 / fp4 have no NaN: ml_dtypes casts it to -0
+    assert np.array_equal(fast.numpy()[finite], oracle[finite])

@@ -129,6 +129,11 @@ class Lattice(ABC):
     def cell_id(self, x: Tensor) -> Tensor:
         """Signed index (int64) of the lattice cell x rounds to (nearest)."""
 
+    def cells_differ(self, a: Tensor, b: Tensor) -> Tensor:
+        """Whether a and b lie in different cells (bool, elementwise): what a boundary
+        crossing counts, once per weight per probe step, so formats may do it faster."""
+        return self.cell_id(a) != self.cell_id(b)
+
     @abstractmethod
     def max_abs(self, x: Tensor) -> Tensor:
         """Largest representable magnitude at each element's position (float32)."""

@@ -156,6 +156,15 @@ class PlainLattice(Lattice):
         return self.grid.cell_id(to_f32(x))
 
     @torch.no_grad()
+    def cells_differ(self, a: Tensor, b: Tensor) -> Tensor:
+        # A plain float's cells are its points, one per value (+-0 one point, every NaN
+        # one cell): comparing the nearest roundings is cell_id's answer in a third of
+        # its passes (a bf16 cast and a compare, against bit shifts, a subnormal branch
+        # and the signs), which was a fifth of a full fine-tuning burst on a 20M model.
+        qa, qb = self.grid.round(to_f32(a)), self.grid.round(to_f32(b))
+        return (qa != qb) & ~(torch.isnan(qa) & torch.isnan(qb))
+
+    @torch.no_grad()
     def max_abs(self, x: Tensor) -> Tensor:
         y = to_f32(x)
         return torch.full_like(y, self.grid.max_value)

@@ -35,8 +35,7 @@ def cell_changes(fmt: Format, before: Tensor, after: Tensor) -> int:
     quantized value a little and count as a crossing everywhere; a boundary
     crossing is a weight leaving its cell.
     """
-    lattice = fmt.at(before)
-    return int(torch.count_nonzero(lattice.cell_id(after) != lattice.cell_id(before)))
+    return int(torch.count_nonzero(fmt.at(before).cells_differ(before, after)))
 
 
 @torch.no_grad()

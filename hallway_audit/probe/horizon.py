@@ -138,7 +138,7 @@ def master_cells_changed(fmt: Format, start: Tensor, end: Tensor, gain: float) -
     on the lattice fixed at `start`."""
     lattice = fmt.at(start)
     reached = start + (end - start) * gain
-    return int(torch.count_nonzero(lattice.cell_id(reached) != lattice.cell_id(start)))
+    return int(torch.count_nonzero(lattice.cells_differ(start, reached)))
 
 
 @dataclass
