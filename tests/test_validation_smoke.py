@@ -149,7 +149,7 @@ def test_a_subject_whose_package_is_missing_is_left_out_and_refused_by_name(monk
 
     monkeypatch.setattr(subjects, "minilm_dir", lambda: None)
     assert not subjects.available("minilm") and subjects.available("reversal")
-    assert "minilm" not in run.parse([]).subjects.split(",")  # the default list: what is installed
+    assert "minilm" not in run.parse([]).subjects.split(",")  # never by default (and here not installed)
     assert run.main(["--subjects", "minilm", "--no-audit"]) == 2
     assert 'pip install -e ".[validation-real]"' in capsys.readouterr().err
 

@@ -63,8 +63,10 @@ def _git() -> str:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--subjects", default=",".join(n for n in subjects.SUBJECTS if subjects.available(n)),
-                   help="comma list of " + ", ".join(subjects.SUBJECTS) + " (default: those installed)")
+    p.add_argument("--subjects", default=",".join(n for n in subjects.SUBJECTS
+                                                  if subjects.available(n) and n not in subjects.BY_NAME_ONLY),
+                   help="comma list of " + ", ".join(subjects.SUBJECTS) + " (default: all but "
+                   + ", ".join(subjects.BY_NAME_ONLY) + ", which runs when named)")
     p.add_argument("--steps", type=int, default=200, help="ground-truth steps per run")
     p.add_argument("--seeds", type=int, default=2, help="ground-truth seeds per setting")
     p.add_argument("--jobs", type=int, default=1, help="parallel training processes / audit calls")
