@@ -268,3 +268,21 @@ def test_a_lora_burst_reports_its_acceleration_and_a_growth_bound_above_its_scor
     f = full.model_metrics()
     assert f["lora_accel"] is None and f["horizon"] == pytest.approx(200 / 12)
     assert f["horizon_growth"] == pytest.approx(f["horizon"]) and f["score_growth"] == pytest.approx(f["score"])
+
+
+def test_embedding_rows_without_gradient_do_not_count_as_stuck():
+    """A batch that uses 8 of the vocabulary's 64 tokens moves 8 rows of the embedding;
+    under accumulating (fp32) values every moved row crosses cells, so the table's
+    beta_run is 1, not the 8/64 of its rows the task happens to use."""
+    model = tiny_llama_model()
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(3, 11, (24, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    train = {k: v[:16] for k, v in batch.items()}
+    options = BurstOptions(steps=4, samples=8, micro_batch=8, eval_batch=8)
+    setting = Setting(PrecisionStack("fp32"), Subspace("full"), OptimizerSpec("adamw", 1e-4))
+    result = run_sweep(model, settings=[setting], loss_fn=causal_lm, loss_name="causal_lm", train=train, val=None,
+                       options=options, model_source="t", calib="t", val_source="t")
+    embed = next(d for name, d in result.settings[0].layers.items() if "embed_tokens" in name)
+    assert vocab >= 32 and embed.forecast is not None
+    assert embed.forecast.beta_run == pytest.approx(1.0)  # before: 8 / 64, the rows the batch uses

@@ -132,13 +132,14 @@ def sr_moved_at_least_once(hist: Sequence[float], scales: Scales) -> float:
 
 
 @torch.no_grad()
-def master_cells_changed(fmt: Format, start: Tensor, end: Tensor, gain: float) -> int:
+def master_cells_changed(fmt: Format, start: Tensor, end: Tensor, gain: float, where: Tensor | None = None) -> int:
     """Weights whose cell changes once the burst's drift (end - start) is carried on
     `gain` times further in fp32 master weights: cell(start + gain * drift) != cell(start),
-    on the lattice fixed at `start`."""
+    on the lattice fixed at `start`; counted only `where` given."""
     lattice = fmt.at(start)
     reached = start + (end - start) * gain
-    return int(torch.count_nonzero(lattice.cells_differ(start, reached)))
+    differ = lattice.cells_differ(start, reached)
+    return int(torch.count_nonzero(differ if where is None else differ & where))
 
 
 @dataclass
@@ -310,9 +311,12 @@ def forecast_layers(
         )
         for f, v0, v1 in values:
             if f.name == "fp32" or real.master == "fp32":
+                # over the values the burst moved: an embedding row no example uses gets no
+                # gradient, and counting it would call the table stuck in any format
+                moved = v1 != v0
                 c = drift.setdefault(layer, [0, 0])
-                c[0] += master_cells_changed(f, v0, v1, gain)
-                c[1] += v0.numel()
+                c[0] += master_cells_changed(f, v0, v1, gain, moved)
+                c[1] += int(torch.count_nonzero(moved))
             else:
                 stepped.add(layer)
     out: dict[str, RunForecast] = {}
