@@ -313,10 +313,10 @@ def forecast_layers(
             if f.name == "fp32" or real.master == "fp32":
                 # over the values the burst moved: an embedding row no example uses gets no
                 # gradient, and counting it would call the table stuck in any format
-                moved = v1 != v0
+                touched = v1 != v0
                 c = drift.setdefault(layer, [0, 0])
-                c[0] += master_cells_changed(f, v0, v1, gain, moved)
-                c[1] += int(torch.count_nonzero(moved))
+                c[0] += master_cells_changed(f, v0, v1, gain, touched)
+                c[1] += int(torch.count_nonzero(touched))
             else:
                 stepped.add(layer)
     out: dict[str, RunForecast] = {}
