@@ -132,7 +132,9 @@ def test_spearman_bootstrap_intervals():
     ys = [rng.random() for _ in range(20)]
     monotone = [y**3 for y in ys]  # the same ranks: every resample gives rho = 1
     noise = [rng.random() for _ in ys]
-    (m_lo, m_hi), (n_lo, n_hi), (d_lo, d_hi) = stats.spearman_bootstrap([monotone, noise], ys, resamples=500, seed=0)
+    (m_lo, m_hi), (n_lo, n_hi), (_, _), (d_lo, d_hi), (e_lo, e_hi) = stats.spearman_bootstrap(
+        [monotone, noise, noise], ys, resamples=500, seed=0)
+    assert (e_lo, e_hi) == (d_lo, d_hi)  # one difference per later predictor, on the same resamples
     assert m_lo == m_hi == pytest.approx(1.0)
     assert n_lo < stats.spearman(noise, ys)[0] < n_hi and n_lo < 0.0 < n_hi  # an unrelated predictor: 0 inside
     assert 0.0 < d_lo <= d_hi  # the paired difference excludes 0 when one predictor is exact and the other noise

@@ -14,7 +14,7 @@ import math
 import statistics
 from typing import Any
 
-from stats import confusion, spearman, spearman_bootstrap
+from stats import confusion, rates, spearman, spearman_bootstrap
 from trainer import RunResult, Setting
 
 STUCK_FRACTION = 0.10
@@ -111,17 +111,17 @@ def analyse(subject: Any, settings: list[Setting], truth: dict[str, list[RunResu
             corr[f"trial{k}"] = {"rho": rho, "n": n}
     # how sure: intervals for the score, each trial, and the score minus each trial (paired)
     versus = {}
-    if "score" in corr:
-        xs = [r["scores"].get("score", math.nan) for r in rows]
-        for k in trial_steps:
-            if f"trial{k}" not in corr:
-                continue
-            pair = [(x, r[f"trial{k}"], y) for x, r, y in zip(xs, rows, progress, strict=True) if math.isfinite(x)]
-            a, b, ys = (list(t) for t in zip(*pair, strict=True))
-            (s_lo, s_hi), (t_lo, t_hi), (d_lo, d_hi) = spearman_bootstrap([a, b], ys, seed=BOOTSTRAP_SEED)
-            corr["score"].update(lo=s_lo, hi=s_hi)
-            corr[f"trial{k}"].update(lo=t_lo, hi=t_hi)
-            versus[f"trial{k}"] = {"difference": spearman(a, ys)[0] - spearman(b, ys)[0], "lo": d_lo, "hi": d_hi}
+    trial_keys = [f"trial{k}" for k in trial_steps if f"trial{k}" in corr]
+    scored = [r for r in rows if math.isfinite(r["scores"].get("score", math.nan))]
+    if "score" in corr and trial_keys and scored:
+        ys = [r["progress"] for r in scored]
+        columns = [[r["scores"]["score"] for r in scored], *([r[t] for r in scored] for t in trial_keys)]
+        intervals = spearman_bootstrap(columns, ys, seed=BOOTSTRAP_SEED)
+        for name, (lo, hi) in zip(["score", *trial_keys], intervals, strict=False):
+            corr[name].update(lo=lo, hi=hi)
+        rho = [spearman(xs, ys)[0] for xs in columns]
+        for t, other, (lo, hi) in zip(trial_keys, rho[1:], intervals[len(columns):], strict=True):
+            versus[t] = {"difference": rho[0] - other, "lo": lo, "hi": hi}
 
     gate = confusion([r["audit_passed"] for r in rows], actual)
     classifiers = {"audit gate": gate}
@@ -279,16 +279,10 @@ def markdown(doc: dict[str, Any]) -> str:
         cls_names += [n for n in s["classifiers"] if n not in cls_names]
     body = []
     for n in cls_names:
-        cells = []
-        pooled = dict.fromkeys(("tp", "fn", "fp", "tn"), 0)
-        for s in subjects:
-            c = s["classifiers"].get(n)
-            cells.append("n/a" if c is None else f"{_f(c['balanced_accuracy'], 2)} ({int(c['tp'])}/{int(c['fn'])}/{int(c['fp'])}/{int(c['tn'])})")
-            for key in pooled:
-                pooled[key] += int(c[key]) if c else 0
-        rates = [pooled["tp"] / (pooled["tp"] + pooled["fn"]) if pooled["tp"] + pooled["fn"] else math.nan,
-                 pooled["tn"] / (pooled["tn"] + pooled["fp"]) if pooled["tn"] + pooled["fp"] else math.nan]
-        cells.append(f"{_f(statistics.fmean(rates), 2)} ({pooled['tp']}/{pooled['fn']}/{pooled['fp']}/{pooled['tn']})")
+        found = [c for s in subjects if (c := s["classifiers"].get(n)) is not None]
+        pooled = rates({key: sum(c[key] for c in found) for key in ("tp", "fn", "fp", "tn")})
+        cells = ["n/a" if c is None else f"{_f(c['balanced_accuracy'], 2)} ({int(c['tp'])}/{int(c['fn'])}/{int(c['fp'])}/{int(c['tn'])})"
+                 for c in [*(s["classifiers"].get(n) for s in subjects), pooled]]
         body.append([n, *cells])
     lines += [*_table(["classifier", *(s["subject"] for s in subjects), "pooled"], body), ""]
     lines += ["## Summary: recommendation regret (vs best no more expensive / vs best overall)", ""]

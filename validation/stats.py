@@ -57,12 +57,16 @@ def confusion(predicted: Sequence[bool | None], actual: Sequence[bool]) -> dict[
             c["tp" if p else "fn"] += 1
         else:
             c["fp" if p else "tn"] += 1
-    tpr = c["tp"] / (c["tp"] + c["fn"]) if c["tp"] + c["fn"] else math.nan
-    tnr = c["tn"] / (c["tn"] + c["fp"]) if c["tn"] + c["fp"] else math.nan
+    return rates({k: float(v) for k, v in c.items()})
+
+
+def rates(counts: dict[str, float]) -> dict[str, float]:
+    """The counts with tpr, tnr and balanced accuracy (n/a terms dropped) added: one
+    subject's confusion, or several subjects' counts summed."""
+    tpr = counts["tp"] / (counts["tp"] + counts["fn"]) if counts["tp"] + counts["fn"] else math.nan
+    tnr = counts["tn"] / (counts["tn"] + counts["fp"]) if counts["tn"] + counts["fp"] else math.nan
     parts = [r for r in (tpr, tnr) if math.isfinite(r)]
-    out: dict[str, float] = {k: float(v) for k, v in c.items()}
-    out.update(tpr=tpr, tnr=tnr, balanced_accuracy=sum(parts) / len(parts) if parts else math.nan)
-    return out
+    return {**counts, "tpr": tpr, "tnr": tnr, "balanced_accuracy": sum(parts) / len(parts) if parts else math.nan}
 
 
 def _percentile(sorted_xs: Sequence[float], q: float) -> float:
@@ -76,24 +80,22 @@ def _percentile(sorted_xs: Sequence[float], q: float) -> float:
 def spearman_bootstrap(predictors: Sequence[Sequence[float]], ys: Sequence[float], resamples: int = 2000,
                        seed: int = 0, level: float = 0.95) -> list[tuple[float, float]]:
     """Percentile-bootstrap intervals of each predictor's Spearman rho against ys, resampling
-    the settings (the same resample for every predictor, so their intervals are comparable).
-    With two or more predictors, one more interval follows: predictors[0]'s rho minus
-    predictors[1]'s, paired on each resample. A resample where a rho is undefined (a
-    constant predictor) is skipped."""
+    the settings (the same resample for every predictor, so their intervals are comparable),
+    then one interval per later predictor k: predictors[0]'s rho minus predictors[k]'s,
+    paired on each resample. A resample where a rho is undefined (a constant predictor)
+    is skipped."""
     import random
 
     rng = random.Random(seed)
     n = len(ys)
-    draws: list[list[float]] = [[] for _ in range(len(predictors) + (len(predictors) >= 2))]
+    draws: list[list[float]] = [[] for _ in range(2 * len(predictors) - 1)]
     for _ in range(resamples):
         idx = [rng.randrange(n) for _ in range(n)]
         rhos = [spearman([xs[i] for i in idx], [ys[i] for i in idx])[0] for xs in predictors]
         if not all(math.isfinite(r) for r in rhos):
             continue
-        for k, r in enumerate(rhos):
+        for k, r in enumerate([*rhos, *(rhos[0] - other for other in rhos[1:])]):
             draws[k].append(r)
-        if len(predictors) >= 2:
-            draws[-1].append(rhos[0] - rhos[1])
     tail = (1 - level) / 2
     return [(_percentile(sorted(d), tail), _percentile(sorted(d), 1 - tail)) if d else (math.nan, math.nan)
             for d in draws]

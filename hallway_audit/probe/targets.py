@@ -70,8 +70,8 @@ def parameter_universe(module: nn.Module) -> list[ParamInfo]:
             continue
         shape = tuple(p.shape)[::-1] if name in transposed else tuple(p.shape)
         layer = layer_name(name)
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        stacked = p.dim() == 3 and owner.rsplit(".", 1)[-1].lower().endswith("experts")
+        owner = name.split(".")[-2] if "." in name else ""  # the module holding the parameter
+        stacked = p.dim() == 3 and owner.lower().endswith("experts")
         out.append(ParamInfo(name, layer, shape, name in linear_weights and p.dim() == 2, name in transposed, stacked))
     return out
 
