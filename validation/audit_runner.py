@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -111,8 +112,12 @@ def scores(doc: dict[str, Any], setting_id: str | None = None) -> dict[str, floa
 
 def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 32, samples: int = 32,
               extra: list[str] | None = None, fingerprint: str | None = None, reuse: bool = False,
-              cache_only: bool = False, run_steps: int | None = None) -> dict[str, Any]:
+              cache_only: bool = False, run_steps: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """One CLI call (cached): {rc, passed, wall_s, error, scores, rules fired, args}.
+
+    `threads` caps the call's CPU threads (HALLWAY_AUDIT_THREADS) when calls run side by
+    side: two audits of a 22.7M-parameter model, each on torch's default of one thread per
+    core, took ~1300 s each on 2 vCPUs; one alone takes 90 s.
 
     A cached answer is reused when it was made by the same tool source (fingerprint),
     or by any source with `reuse` (a baseline taken while the tree is being edited).
@@ -143,7 +148,10 @@ def run_audit(out: Path, subject: Subject, setting: Setting, steps: int = 32, sa
     report = path.with_suffix(".audit.json")
     cmd = [sys.executable, "-m", "hallway_audit", *args, "--format", "json", "-o", str(report), "--quiet"]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=TOOL_ROOT, capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    if threads is not None and "HALLWAY_AUDIT_THREADS" not in env and "OMP_NUM_THREADS" not in env:
+        env["HALLWAY_AUDIT_THREADS"] = str(max(1, threads))
+    proc = subprocess.run(cmd, cwd=TOOL_ROOT, capture_output=True, text=True, check=False, env=env)
     wall = time.perf_counter() - start
     result: dict[str, Any] = {"args": args, "fingerprint": fp, "rc": proc.returncode, "wall_s": wall,
                               "passed": None, "error": None, "scores": {}, "fired": [], "reason": None}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -132,11 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_audit:
             t0 = time.perf_counter()
 
-            def one(s: Setting, subject: subjects.Subject = subject) -> dict[str, Any]:
+            threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))  # side-by-side calls share the cores
+
+            def one(s: Setting, subject: subjects.Subject = subject, threads: int = threads) -> dict[str, Any]:
                 # the fingerprint is taken per call: other work may change the tool while the suite runs
                 return audit_runner.run_audit(out, subject, s, args.audit_steps, args.audit_samples, extra, None,
                                               args.reuse_audits or args.audit_cache_only, args.audit_cache_only,
-                                              None if args.no_plan_flags else args.steps)
+                                              None if args.no_plan_flags else args.steps, threads)
 
             with ThreadPoolExecutor(max(1, args.jobs)) as pool:
                 audits = {s.id: a for s, a in zip(settings, pool.map(one, settings), strict=True)}
