@@ -286,3 +286,24 @@ def test_embedding_rows_without_gradient_do_not_count_as_stuck():
     embed = next(d for name, d in result.settings[0].layers.items() if "embed_tokens" in name)
     assert vocab >= 32 and embed.forecast is not None
     assert embed.forecast.beta_run == pytest.approx(1.0)  # before: 8 / 64, the rows the batch uses
+
+
+def test_embedding_rows_without_gradient_do_not_count_as_stuck_without_master_weights():
+    """The same batch in bf16 without master weights: each step's crossing is judged from
+    the ULP histogram, which keeps the 56 unused rows (their steps are exactly 0, as in the
+    paper's histogram); the run forecast leaves them out. At lr 1e-2 every used row's step
+    is many ULPs, so beta_run is ~1, not the 8/64 of the rows the batch happens to use."""
+    model = tiny_llama_model()
+    ids = torch.randint(3, 11, (24, 10), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    train = {k: v[:16] for k, v in batch.items()}
+    options = BurstOptions(steps=4, samples=8, micro_batch=8, eval_batch=8)
+    setting = Setting(PrecisionStack("bf16", None, "nearest", "none"), Subspace("full"), OptimizerSpec("adamw", 1e-2))
+    result = run_sweep(model, settings=[setting], loss_fn=causal_lm, loss_name="causal_lm", train=train, val=None,
+                       options=options, model_source="t", calib="t", val_source="t")
+    embed = next(d for name, d in result.settings[0].layers.items() if "embed_tokens" in name)
+    rows, width = model.get_input_embeddings().weight.shape
+    unused = (rows - 8) * width * options.steps
+    assert embed.idle >= unused and int(embed.hist[0]) >= embed.idle  # the histogram keeps them
+    assert int(embed.moving_hist().sum()) == int(embed.hist.sum()) - embed.idle
+    assert embed.forecast is not None and embed.forecast.beta_run > 0.9  # before: <= 8 / 64

@@ -194,6 +194,7 @@ def _record_crossings(
         for f, b, a, p in items:
             changed, moved, hist = crossing_counts(f, b, a, p)
             d.hist += hist
+            d.idle += p.numel() - int(torch.count_nonzero(p))
             c[0] += changed
             c[1] += moved
             c[2] += p.numel()
@@ -424,7 +425,8 @@ def run_burst(
         report(BurstEvent(setting.id, "end", options.steps))
     schedule = options.schedule or Schedule()
     scales = schedule.factor_array(setting.optimizer.lr)
-    hists = {layer: d.hist for layer, d in layers.items()}
+    # without the values no gradient reached: an unused embedding row is not stuck by the format
+    hists = {layer: d.moving_hist() for layer, d in layers.items()}
     forecasts = forecast_layers(real, start_stored, start_phi, hists, layer_of, scales, options.steps, options.beta_floor)
     for layer, f in forecasts.items():
         layers[layer].forecast = f

@@ -92,6 +92,10 @@ class LayerDynamics:
     beta_adapter: list[float | None] = field(default_factory=list)
     beta_eff_elem: list[float | None] = field(default_factory=list)
     hist: torch.Tensor = field(default_factory=lambda: torch.zeros(len(HIST_LABELS), dtype=torch.int64))
+    # Entries of hist whose proposed step was exactly zero: values no gradient has reached
+    # (embedding rows of tokens the batch never uses). The histogram keeps them, as the
+    # paper's does; the run forecast leaves them out (moving_hist).
+    idle: int = 0
     psi_rank: float | None = None
     psi_star: dict[int, float] = field(default_factory=dict)
     r_star: int | None = None
@@ -105,6 +109,12 @@ class LayerDynamics:
     grad_share: float | None = None  # share of the squared gradient over what the setting trains
     forecast: RunForecast | None = None  # over the planned run (horizon.py)
     fan_in_fan_out: bool = False  # a Conv1D (weight stored (in, out)): PEFT's LoraConfig needs fan_in_fan_out
+
+    def moving_hist(self) -> torch.Tensor:
+        """hist without its idle entries: the steps the optimizer asked of the values."""
+        out = self.hist.clone()
+        out[0] = max(0, int(out[0]) - self.idle)
+        return out
 
     @property
     def no_grad(self) -> bool:
