@@ -192,10 +192,12 @@ def audit(
                                 params=sum(i.numel for i in infos), bytes=static.bytes_read)
     static_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "static"), ruleset.vars, ruleset.files)
     dynamic_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "dynamic"), ruleset.vars, ruleset.files)
-    # which formats the plan steps without master weights: the probed settings, or for a
-    # static-only run the planned --master-weights (any "none" may round every step away)
+    # which formats the plan steps without master weights under nearest rounding: the probed
+    # settings, or for a static-only run the planned --master-weights and --rounding (the
+    # sweep is their cross product: "none" with "nearest" may round every step away)
+    stepped = "none" in plan.master_weights and "nearest" in plan.rounding
     stored = (rounds_stored(r.setting for r in dyn_result.settings) if dyn_result is not None
-              else dict.fromkeys(formats, int("none" in plan.master_weights)))
+              else dict.fromkeys(formats, int(stepped)))
     outcomes = evaluate(static_rules, static_subjects(static, stored, _static_scope(static, plan.quantize, prepared)))
     outcomes += evaluate(dynamic_rules, dynamic_subjects(dyn_result) if dyn_result is not None else [])
     order = {r.id: i for i, r in enumerate(ruleset.rules)}

@@ -26,12 +26,15 @@ def _setting_context(fmt: str, lr: float, rounds_stored: int = 1) -> dict[str, M
 
 def rounds_stored(settings: Iterable[Setting]) -> dict[str, int]:
     """Per weight format: 1 when some planned setting updates weights stored in it
-    without fp32 master weights (sub-ULP steps then round away), 0 when every setting
-    keeps master weights or trains adapters over a frozen base. A format absent from
-    the map (a caller that knows nothing of the plan) is assumed to be stepped."""
+    without fp32 master weights under nearest rounding (sub-ULP steps then round away),
+    0 when every setting keeps master weights, rounds stochastically (a step of r ULP
+    moves the weight with probability r: it moves in expectation) or trains adapters
+    over a frozen base. A format absent from the map (a caller that knows nothing of
+    the plan) is assumed to be stepped."""
     out: dict[str, int] = {}
     for s in settings:
-        stepped = s.precision.master_weights == "none" and not (s.subspace.kind == "lora" and s.subspace.base == "frozen")
+        stepped = (s.precision.master_weights == "none" and s.precision.rounding == "nearest"
+                   and not (s.subspace.kind == "lora" and s.subspace.base == "frozen"))
         out[s.precision.weights] = max(out.get(s.precision.weights, 0), int(stepped))
     return out
 

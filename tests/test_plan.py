@@ -423,6 +423,8 @@ def test_audit_plan_filled_by_hand_is_checked(work):
         audit(work / "net.safetensors", AuditPlan(lr=float("nan"), device="cpu"))
     with pytest.raises(UsageError, match=r"plan\.master_weights: expected one of fp32, none, got 'fp16'"):
         audit(work / "net.safetensors", AuditPlan(master_weights=("fp16",), device="cpu"))
+    with pytest.raises(UsageError, match=r"plan\.rounding: expected one of nearest, stochastic, got 'floor'"):
+        audit(work / "net.safetensors", AuditPlan(rounding=("floor",), device="cpu"))
     with pytest.raises(UsageError, match="plan must be an AuditPlan"):
         audit(work / "net.safetensors", {"lr": 1e-4})  # type: ignore[arg-type]
 

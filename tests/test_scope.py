@@ -16,6 +16,7 @@ from hallway_audit.probe import OptimizerSpec, PrecisionStack, Setting, Subspace
 from hallway_audit.probe.realize import Realization
 from hallway_audit.probe.targets import param_dict, parameter_universe
 from hallway_audit.scope import format_scope, guessed_linear_layers, quantized_linear_layers
+from hallway_audit.subjects import rounds_stored
 
 
 def _guess(module: torch.nn.Module) -> set[str]:
@@ -121,3 +122,38 @@ def test_static_cannot_move_follows_the_planned_master_weights(capsys):
         "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}
     # a sweep of both: some setting steps without them, so the warnings stand
     assert cannot_move("--master-weights", "fp32,none") == stepped
+
+
+def test_static_cannot_move_follows_the_planned_rounding(capsys):
+    """Stochastic rounding moves a step of r ULP with probability r, so without master
+    weights the weights still move in expectation (on the validation suite bf16 at lr 1e-5
+    without master weights trains like fp32 master weights under it, 0.32 each, and is
+    stuck under nearest rounding): a static-only run planned with --rounding stochastic
+    does not warn that they cannot move; a sweep that also rounds to nearest does."""
+    def cannot_move(*extra: str) -> set[tuple[str, str | None]]:
+        code = main([str(EXAMPLE), "--precision", "fp8_e4m3", "--master-weights", "none", "-q", "--format", "json",
+                     *extra])
+        doc = json.loads(capsys.readouterr().out)
+        assert code == 0
+        return {(f["rule"], f.get("layer")) for f in doc["findings"] if "cannot-move" in f["rule"]}
+
+    nearest = cannot_move()
+    assert ("model-weights-cannot-move", None) in nearest
+    assert cannot_move("--rounding", "nearest") == nearest
+    assert cannot_move("--rounding", "stochastic") == set()
+    assert cannot_move("--rounding", "stochastic,nearest") == nearest
+
+
+def test_probed_settings_round_stored_weights_only_under_nearest_rounding():
+    """The dynamic run's map: a format counts as stepped when some setting stores its
+    weights without master weights and rounds them to nearest; stochastic rounding, fp32
+    master weights and LoRA over a frozen base leave it at 0."""
+    def setting(fmt: str, rounding: str, master: str, rank: int = 0) -> Setting:
+        sub = Subspace("lora", rank=rank) if rank else Subspace("full")
+        return Setting(PrecisionStack(fmt, None, rounding, master), sub, OptimizerSpec("adamw", 1e-4))  # type: ignore[arg-type]
+
+    assert rounds_stored([setting("bf16", "nearest", "none")]) == {"bf16": 1}
+    assert rounds_stored([setting("bf16", "stochastic", "none")]) == {"bf16": 0}
+    assert rounds_stored([setting("bf16", "nearest", "fp32")]) == {"bf16": 0}
+    assert rounds_stored([setting("nf4", "nearest", "none", rank=4)]) == {"nf4": 0}
+    assert rounds_stored([setting("bf16", "stochastic", "none"), setting("bf16", "nearest", "none")]) == {"bf16": 1}

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, object] = {
     "warmup": Schedule.warmup,
     "lr_min": Schedule.lr_min,
     "master_weights": SweepSpec().master_weights,
+    "rounding": SweepSpec().rounding,
 }
 
 
@@ -93,6 +94,8 @@ class AuditPlan:
     # a static-only run's plan for the weights' updates: with fp32 master weights sub-ULP steps
     # accumulate, so the static "cannot move" rules apply only to formats planned without them
     master_weights: tuple[str, ...] = ("fp32",)
+    # likewise --rounding: stochastic rounding moves a sub-ULP step with probability |step|/ULP
+    rounding: tuple[str, ...] = ("nearest",)
 
 
 @dataclass
@@ -307,6 +310,7 @@ def _assemble(values: Mapping[str, object], where: Mapping[str, str]) -> AuditPl
         jobs=values.get("jobs"),  # type: ignore[arg-type]
         quantize=str(values.get("quantize", "auto")),
         master_weights=tuple(_get(values, "master_weights")),  # type: ignore[arg-type]
+        rounding=tuple(_get(values, "rounding")),  # type: ignore[arg-type]
         fail_on=str(_get(values, "fail_on")),
         device=str(_get(values, "device")),
         dynamic=dynamic,
@@ -413,6 +417,8 @@ def check_plan(plan: AuditPlan, names: Mapping[str, str] | None = None) -> None:
     check_value("fail_on", plan.fail_on, name("fail_on"))
     check_value("master_weights", list(plan.master_weights) if isinstance(plan.master_weights, tuple)
                 else plan.master_weights, name("master_weights"))
+    check_value("rounding", list(plan.rounding) if isinstance(plan.rounding, tuple) else plan.rounding,
+                name("rounding"))
     if isinstance(plan.device, str):
         check_value("device", plan.device, name("device"))
     if plan.dynamic is not None:

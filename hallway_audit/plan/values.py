@@ -283,12 +283,12 @@ KEYS: dict[str, Key] = {
     "calib": Key(_checker(text, what="a calibration file path"), False),
     # static rules read it too: whether sub-ULP steps accumulate decides if "cannot move" applies
     "master_weights": Key(each(_checker(choice, allowed=MASTER_WEIGHTS)), False),
+    "rounding": Key(each(_checker(choice, allowed=ROUNDINGS)), False),
     # the dynamic audit only
     "val": Key(_checker(text, what="a held-out batch file path"), True),
     "model": Key(_checker(text, what="module:factory or path/to/file.py:factory"), True),
     "loss": Key(_checker(text, what="a loss name or module:function"), True),
     "act_precision": Key(each(act_format), True),
-    "rounding": Key(each(_checker(choice, allowed=ROUNDINGS)), True),
     "rank": Key(each(rank), True),
     "targets": Key(targets, True),
     "alpha": Key(alpha, True),
