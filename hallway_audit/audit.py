@@ -30,7 +30,7 @@ from .scope import FormatScope, format_scope, guessed_linear_layers, quantized_l
 from .static import StaticResult, available_cpus, run_static
 from .static.audit import Progress
 from .static.partial import StaticPartial
-from .subjects import dynamic_subjects, rounds_stored, static_subjects
+from .subjects import FormatUpdates, dynamic_subjects, format_updates, static_subjects
 from .threads import cpu_threads
 
 if TYPE_CHECKING:  # the model package is imported only when a dynamic audit runs
@@ -100,6 +100,7 @@ class AuditResult:
     notes: list[str] = field(default_factory=list)
     dynamic: DynamicResult | None = None
     recommendation: Recommendation | None = None
+    updates: FormatUpdates | None = None  # how the plan updates each format's weights (subjects.py)
 
     @property
     def findings(self) -> list[Outcome]:
@@ -192,18 +193,15 @@ def audit(
                                 params=sum(i.numel for i in infos), bytes=static.bytes_read)
     static_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "static"), ruleset.vars, ruleset.files)
     dynamic_rules = RuleSet(tuple(r for r in ruleset.rules if r.phase == "dynamic"), ruleset.vars, ruleset.files)
-    # which formats the plan steps without master weights under nearest rounding: the probed
-    # settings, or for a static-only run the planned --master-weights and --rounding (the
-    # sweep is their cross product: "none" with "nearest" may round every step away)
-    stepped = "none" in plan.master_weights and "nearest" in plan.rounding
-    stored = (rounds_stored(r.setting for r in dyn_result.settings) if dyn_result is not None
-              else dict.fromkeys(formats, int(stepped)))
-    outcomes = evaluate(static_rules, static_subjects(static, stored, _static_scope(static, plan.quantize, prepared)))
+    updates = format_updates(formats, plan.master_weights, plan.rounding,
+                             [r.setting for r in dyn_result.settings] if dyn_result is not None else None)
+    outcomes = evaluate(static_rules, static_subjects(static, updates, _static_scope(static, plan.quantize, prepared)))
     outcomes += evaluate(dynamic_rules, dynamic_subjects(dyn_result) if dyn_result is not None else [])
     order = {r.id: i for i, r in enumerate(ruleset.rules)}
     outcomes.sort(key=lambda o: order[o.rule.id])
     recommendation = recommend(dyn_result, outcomes) if dyn_result is not None and dyn_result.settings else None
-    return AuditResult(summary, static, ruleset, outcomes, decide_gate(outcomes, fail_on, dyn_result), notes, dyn_result, recommendation)
+    return AuditResult(summary, static, ruleset, outcomes, decide_gate(outcomes, fail_on, dyn_result), notes, dyn_result,
+                       recommendation, updates)
 
 
 def _static_scope(static: StaticResult, quantize: str, prepared: _PreparedDynamic | None) -> FormatScope:

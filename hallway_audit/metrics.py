@@ -51,6 +51,8 @@ _METRICS: tuple[Metric, ...] = (
            "1 when the format scales each block (or channel) from its own amax: what saturates there is the recipe's clamp of block maxima, not a weight out of range"),
     Metric("rounds_stored", ("layer", "model", "setting"), "static",
            "1 when the plan updates weights stored in the format without fp32 master weights under nearest rounding (a static-only run: its --master-weights and --rounding), else 0"),
+    Metric("probed", ("layer", "model", "setting"), "static",
+           "1 when a probe burst ran a setting in the format (its run forecast, beta_run, measures what beta_pred estimates), else 0"),
     # --- dynamic: from probe bursts (v0.2) -----------------------------------------
     Metric("lora", ("layer", "model", "setting"), "dynamic", "1 when the setting trains LoRA adapters, else 0"),
     Metric("psi", _LM, "dynamic", "gradient capture ||P_S g|| / ||g|| by the realized subspace"),

@@ -6,7 +6,8 @@ zero fraction, spectral), so rules over them fire once per layer, not once per f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import TypeGuard
 
 from .lattice import get_format
@@ -19,9 +20,40 @@ from .static import StaticResult
 from .static.tally import FormatTally
 
 
-def _setting_context(fmt: str, lr: float, rounds_stored: int = 1) -> dict[str, MetricValue]:
+@dataclass(frozen=True)
+class FormatUpdates:
+    """How the plan updates the weights stored in each format: whether the static "cannot
+    move" estimate (beta_pred) applies, and whether a probe burst measured it instead.
+
+    master_weights, rounding: the plan's (a static-only run's --master-weights and
+    --rounding); rounds_stored: per format, 1 when some setting steps its weights without
+    master weights under nearest rounding (rounds_stored()); probed: per format, 1 when a
+    probe burst ran a setting in it, whose run forecast (beta_run per layer) measures what
+    beta_pred estimates from the weights alone. A format absent from rounds_stored is
+    assumed stepped, one absent from probed unprobed."""
+
+    master_weights: tuple[str, ...] = ("fp32",)
+    rounding: tuple[str, ...] = ("nearest",)
+    rounds_stored: dict[str, int] = field(default_factory=dict)
+    probed: dict[str, int] = field(default_factory=dict)
+
+
+def format_updates(formats: Sequence[str], master_weights: Sequence[str], rounding: Sequence[str],
+                   probed_settings: Sequence[Setting] | None) -> FormatUpdates:
+    """From the probed settings when there are some, else from the planned --master-weights and
+    --rounding (the sweep is their cross product: "none" with "nearest" may round every step away)."""
+    if probed_settings is None:
+        stepped = int("none" in master_weights and "nearest" in rounding)
+        return FormatUpdates(tuple(master_weights), tuple(rounding), dict.fromkeys(formats, stepped), dict.fromkeys(formats, 0))
+    ran = {s.precision.weights for s in probed_settings}
+    return FormatUpdates(tuple(master_weights), tuple(rounding), rounds_stored(probed_settings),
+                         {fmt: int(fmt in ran) for fmt in formats})
+
+
+def _setting_context(fmt: str, lr: float, updates: FormatUpdates) -> dict[str, MetricValue]:
     f = get_format(fmt)
-    return {"format": fmt, "lr": lr, "bits": f.bits, "rounds_stored": rounds_stored, "block_scaled": int(f.scaled)}
+    return {"format": fmt, "lr": lr, "bits": f.bits, "rounds_stored": updates.rounds_stored.get(fmt, 1),
+            "probed": updates.probed.get(fmt, 0), "block_scaled": int(f.scaled)}
 
 
 def rounds_stored(settings: Iterable[Setting]) -> dict[str, int]:
@@ -54,25 +86,25 @@ def _scoped_model(static: StaticResult, fmt: str, scope: FormatScope) -> FormatT
     return total if any_layer else None
 
 
-def static_subjects(static: StaticResult, stored: dict[str, int] | None = None,
+def static_subjects(static: StaticResult, updates: FormatUpdates | None = None,
                     scope: FormatScope | None = None) -> Iterator[Subject]:
-    """`stored`: per format, 1 when the plan steps weights stored in it without master
-    weights (rounds_stored(); None: unknown, assumed stepped);
-    `scope`: which layers each format applies to (scope.format_scope; None: all)."""
-    stored = stored or {}
+    """`updates`: how the plan updates each format's weights (None: unknown, every format
+    assumed stepped and unprobed); `scope`: which layers each format applies to
+    (scope.format_scope; None: all)."""
+    updates = updates or FormatUpdates()
     for layer in static.layers:
         basics = layer.basics()
         yield Subject("layer", None, layer.name, basics)
         for fmt in static.formats:
             if scope is None or scope(fmt, layer.name):
-                yield Subject("layer", fmt, layer.name, {**basics, **layer.format_metrics(fmt), **_setting_context(fmt, static.lr, stored.get(fmt, 1))})
+                yield Subject("layer", fmt, layer.name, {**basics, **layer.format_metrics(fmt), **_setting_context(fmt, static.lr, updates)})
     model_basics = static.model.basics()
     yield Subject("model", None, None, model_basics)
     for fmt in static.formats:
         tally = static.model.formats[fmt] if scope is None else _scoped_model(static, fmt, scope)
         if tally is None:
             continue
-        ctx = _setting_context(fmt, static.lr, stored.get(fmt, 1))
+        ctx = _setting_context(fmt, static.lr, updates)
         model_fmt = {**model_basics, **tally.summary(), **ctx}
         yield Subject("model", fmt, None, model_fmt)
         yield Subject("setting", fmt, None, model_fmt)

@@ -145,8 +145,8 @@ def test_moe_experts_stored_per_expert_keep_their_static_figures_in_a_dynamic_ru
     doc = json.loads(capsys.readouterr().out)
     stored_experts = [layer["name"] for layer in doc["static"]["layers"] if ".experts." in layer["name"]]
     assert stored_experts  # the checkpoint's per-expert matrices
-    warned = {f["layer"] for f in doc["findings"] if f["rule"] == "weights-cannot-move"}
-    assert set(stored_experts) <= warned  # fp8 applies to them: their static figures are evaluated
+    evaluated = {o["layer"] for o in doc["outcomes"] if o["rule"] == "weights-cannot-move" and o["setting"] == "fp8_e4m3"}
+    assert set(stored_experts) <= evaluated  # fp8 applies to them: their static figures are evaluated
     layers = {layer["name"]: layer for layer in doc["settings"][0]["layers"]}
     fused = [name for name in layers if name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
     assert fused and all(layers[name]["beta"] == 0.0 for name in fused)  # rounded onto fp8: lr 1e-4 never crosses

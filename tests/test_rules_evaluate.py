@@ -200,7 +200,7 @@ def test_gate_for_each_fail_on(rs: RuleSet) -> None:
 def test_default_yaml_static_run() -> None:
     """The headline static finding, and dynamic rules skipped in a static-only run."""
     rs = load_rules(["default.yaml"])
-    common = {"lr": 1e-5, "format": "bf16", "bits": 16, "rounds_stored": 1}
+    common = {"lr": 1e-5, "format": "bf16", "bits": 16, "rounds_stored": 1, "probed": 0}
     subjects = [
         Subject("layer", None, "model.layers.0.mlp", {"params": 100, "nonfinite": 0, "nonfinite_frac": 0.0}),
         Subject("layer", "bf16", "model.layers.0.mlp", {**common, "beta_pred": 0.03, "saturated": 0.0,
@@ -227,6 +227,12 @@ def test_default_yaml_static_run() -> None:
     assert gate(out, "error") is True and gate(out, "warning") is False
     strict = evaluate(load_rules(["strict.yaml"]), subjects)
     assert gate(strict, "error") is False
+    # A probe burst that ran the format measures what beta_pred estimates: default.yaml's
+    # static "cannot move" rules pass (the burst's forecast speaks), strict.yaml's still gates.
+    probed = [Subject(x.scope, x.setting, x.layer, {**x.metrics, "probed": 1}) if x.setting else x for x in subjects]
+    quiet = summarize(evaluate(rs, probed))
+    assert all(quiet[r]["fired"] == 0 for r in ("weights-cannot-move", "weights-mostly-stuck", "model-weights-cannot-move"))
+    assert gate(evaluate(load_rules(["strict.yaml"]), probed), "error") is False
 
 
 def test_default_yaml_dynamic_messages() -> None:

@@ -16,7 +16,7 @@ from hallway_audit.probe import OptimizerSpec, PrecisionStack, Setting, Subspace
 from hallway_audit.probe.realize import Realization
 from hallway_audit.probe.targets import param_dict, parameter_universe
 from hallway_audit.scope import format_scope, guessed_linear_layers, quantized_linear_layers
-from hallway_audit.subjects import rounds_stored
+from hallway_audit.subjects import format_updates, rounds_stored
 
 
 def _guess(module: torch.nn.Module) -> set[str]:
@@ -142,6 +142,53 @@ def test_static_cannot_move_follows_the_planned_rounding(capsys):
     assert cannot_move("--rounding", "nearest") == nearest
     assert cannot_move("--rounding", "stochastic") == set()
     assert cannot_move("--rounding", "stochastic,nearest") == nearest
+
+
+_CANNOT_MOVE = ("weights-cannot-move", "weights-mostly-stuck", "model-weights-cannot-move")
+
+
+def test_a_probe_burst_speaks_for_the_static_cannot_move_estimate(capsys):
+    """bf16 at lr 1e-5 without master weights: a static-only run warns per layer that the
+    weights cannot move (beta_pred, from a nominal Adam step). With --calib the burst
+    forecasts the same thing over the run from the real steps (weights-do-not-cross-cells,
+    layer-cannot-move), so default.yaml's three static rules are evaluated but stay quiet
+    (probed = 1) instead of repeating it for every layer; strict.yaml still gates on them."""
+    plan = [str(EXAMPLE), "--precision", "bf16", "--master-weights", "none", "--lr", "1e-5", "-q", "--format", "json"]
+    probe = ["--calib", str(EXAMPLE / "calib.safetensors"), "--steps", "4", "--samples", "8"]
+
+    def run(*extra: str) -> dict:
+        main([*plan, *extra])
+        return json.loads(capsys.readouterr().out)
+
+    def fired(doc: dict) -> set[str]:
+        return {f["rule"] for f in doc["findings"] if f["rule"] in _CANNOT_MOVE}
+
+    static = run()
+    assert static["static"]["updates"] == {"master_weights": ["none"], "rounding": ["nearest"],
+                                           "rounds_stored": {"bf16": 1}, "probed": {"bf16": 0}}
+    assert {"weights-cannot-move", "model-weights-cannot-move"} <= fired(static)
+    probed = run(*probe)
+    assert probed["static"]["updates"]["probed"] == {"bf16": 1}
+    assert fired(probed) == set()
+    evaluated = {o["layer"] for o in probed["outcomes"] if o["rule"] == "weights-cannot-move"}
+    assert "model.layers.0.mlp.down_proj" in evaluated  # evaluated, not skipped: the rule decides
+    assert {f["rule"] for f in probed["findings"]} & {"weights-do-not-cross-cells", "layer-cannot-move",
+                                                       "small-layer-cannot-move"}  # the burst says it once
+    strict = run(*probe, "--rules", "strict.yaml")
+    assert "weights-cannot-move" in fired(strict)
+
+
+def test_format_updates_from_the_plan_or_the_probed_settings():
+    """Static-only: every format takes the planned master weights and rounding and none is
+    probed; with probed settings, rounds_stored comes from them and probed names the formats
+    a burst ran (a planned format no setting used stays 0)."""
+    plain = format_updates(["bf16", "fp8_e4m3"], ["fp32", "none"], ["nearest"], None)
+    assert plain.rounds_stored == {"bf16": 1, "fp8_e4m3": 1} and plain.probed == {"bf16": 0, "fp8_e4m3": 0}
+    assert format_updates(["bf16"], ["fp32"], ["nearest"], None).rounds_stored == {"bf16": 0}
+    assert format_updates(["bf16"], ["none"], ["stochastic"], None).rounds_stored == {"bf16": 0}
+    ran = Setting(PrecisionStack("bf16", None, "nearest", "none"), Subspace("full"), OptimizerSpec("adamw", 1e-5))  # type: ignore[arg-type]
+    probed = format_updates(["bf16", "fp8_e4m3"], ["none"], ["nearest"], [ran])
+    assert probed.rounds_stored == {"bf16": 1} and probed.probed == {"bf16": 1, "fp8_e4m3": 0}
 
 
 def test_probed_settings_round_stored_weights_only_under_nearest_rounding():

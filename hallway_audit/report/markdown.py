@@ -111,6 +111,14 @@ def _longest_run(text: str, ch: str) -> int:
     return longest
 
 
+def _updates(st: Doc) -> str:
+    """How the plan updates weights (schema >= 1.7): whether "cannot move" applies."""
+    u = st.get("updates")
+    if not u:
+        return ""
+    return f" (master weights {md_text(', '.join(u['master_weights']))}, rounding {md_text(', '.join(u['rounding']))})"
+
+
 @register_formatter
 class MarkdownFormatter(Formatter):
     name = "markdown"
@@ -126,7 +134,7 @@ class MarkdownFormatter(Formatter):
             "",
             f"{md_code(ck['path'], in_table=False)} ({md_text(ck['format'])}): {human_count(ck['params'])} params in "
             f"{ck['tensors']} tensors, {human_bytes(ck['bytes'])}. "
-            f"Formats {', '.join(md_code(f, in_table=False) for f in st['formats'])} at lr {st['lr']:g}; "
+            f"Formats {', '.join(md_code(f, in_table=False) for f in st['formats'])} at lr {st['lr']:g}{_updates(st)}; "
             f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} info (fail-on {md_text(gate['fail_on'])}).",
             "",
             "### Whole model",

@@ -79,6 +79,17 @@ def grouped_findings(doc: Doc) -> list[FindingGroup]:
     return list(groups.values())
 
 
+def plan_line(st: Mapping[str, Any]) -> str:
+    """The static plan as the header states it: the formats, the lr, and how weights are
+    updated (master weights, rounding), which decides whether "cannot move" applies.
+    A report of schema < 1.7 has no updates and shows formats and lr only."""
+    text = f"formats {', '.join(st['formats'])}; lr {st['lr']:g}"
+    updates = st.get("updates")
+    if updates:
+        text += f"; master weights {', '.join(updates['master_weights'])}; rounding {', '.join(updates['rounding'])}"
+    return text
+
+
 def verdict_label(verdict: str) -> str:
     """needs_finer_precision -> 'finer precision': short enough for a table cell."""
     return verdict.removeprefix("needs_").replace("_", " ")

@@ -18,7 +18,7 @@ from ..probe.horizon import Schedule
 if TYPE_CHECKING:
     from ..audit import AuditResult
 
-SCHEMA_VERSION = "1.6"
+SCHEMA_VERSION = "1.7"
 
 
 def clean(value: Any) -> Any:
@@ -222,6 +222,15 @@ def _dynamic_dict(d) -> dict[str, Any]:
     }
 
 
+def _updates(result: AuditResult) -> dict[str, Any] | None:
+    """What decides whether the static "cannot move" rules apply (subjects.FormatUpdates)."""
+    u = result.updates
+    if u is None:
+        return None
+    return {"master_weights": list(u.master_weights), "rounding": list(u.rounding),
+            "rounds_stored": dict(u.rounds_stored), "probed": dict(u.probed)}
+
+
 def result_to_dict(result: AuditResult) -> dict[str, Any]:
     """The document exactly as `--format json` writes it and json.load reads it back
     (keys sorted, inf/nan as null, plain JSON values; see `plain`)."""
@@ -240,6 +249,7 @@ def _result_to_dict(result: AuditResult) -> dict[str, Any]:
             "formats": list(st.formats),
             "lr": st.lr,
             "spectral": st.spectral,
+            "updates": _updates(result),
             "model": {**st.model.basics(), "formats": _format_block(st.model.formats, st.formats)},
             "layers": [],  # the long lists are filled in below, keeping the keys' order
             "skipped_tensors": [{"name": n, "reason": why} for n, why in st.skipped],

@@ -35,6 +35,7 @@ from .rows import (
     ordered_hist,
     pct,
     peft_snippet,
+    plan_line,
     ranked_layers,
     rule_file_label,
     setting_severity,
@@ -59,7 +60,7 @@ def _summary(doc: Doc) -> Panel:
     grid.add_column()
     grid.add_row("checkpoint", _t(f"{ck['path']} ({ck['format']})"))
     grid.add_row("size", f"{human_count(ck['params'])} params in {ck['tensors']} tensors, {human_bytes(ck['bytes'])}")
-    grid.add_row("plan", _t(f"formats {', '.join(st['formats'])}; lr {st['lr']:g}"))
+    grid.add_row("plan", _t(plan_line(st)))
     d = doc["dynamic"]
     if d is not None:
         grid.add_row("model", _t(f"{d['model']}; loss {d['loss']}; device {d['device']}"))
