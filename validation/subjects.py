@@ -225,6 +225,34 @@ def sorting() -> Subject:
     )
 
 
+# ---------------------------------------------------------------- held-out: decay
+
+
+def _decay_grid() -> list[Setting]:
+    """Coarse formats and bf16 without master weights under a decaying lr, each beside its
+    fp32-master twin: where does the run stop improving, and does the audit say so?"""
+    cos = {"schedule": "cosine", "warmup": 0.1, "lr_min": 1e-6}
+    lin = {"schedule": "linear", "warmup": 0.1, "lr_min": 1e-6}
+    grid = []
+    for fmt, lr, sched in (("fp8_e4m3", 1e-3, cos), ("fp8_e4m3", 3e-4, cos), ("int4", 1e-3, cos), ("int4", 3e-4, cos),
+                           ("fp8_e4m3", 1e-3, lin), ("bf16", 1e-3, lin), ("bf16", 1e-4, lin), ("bf16", 3e-4, cos)):
+        grid += [S(fmt, 0, lr=lr, master="none", **sched), S(fmt, 0, lr=lr, master="fp32", **sched)]
+    return grid
+
+
+def decay() -> Subject:
+    """Held out: added to test the run forecast's stall step on settings it was not set on
+    (the schedule subject has one coarse format without master weights under decay)."""
+    d = EXAMPLES / "tiny-llama"
+    out = Path(__file__).resolve().parent / "out" / "subjects" / "sorting"
+    return Subject(
+        "decay", "held out: the tiny Llama sorting 8 tokens under cosine or linear decay, fp8 / int4 / bf16 without "
+        "master weights beside their fp32-master twins",
+        d, out / "calib.safetensors", _hf_load(d, "LlamaForCausalLM"), sort_batch, losses.causal_lm,
+        _decay_grid(), build=sorting().build, meta={"held_out": True},
+    )
+
+
 # ---------------------------------------------------------------- planted rank
 
 # Planted where training needs the planted rank (validation/planted_identifiability.py):
@@ -546,7 +574,7 @@ class MissingSubject(RuntimeError):
 
 SUBJECTS: dict[str, Callable[[], Subject]] = {
     "reversal": reversal, "encoder": encoder, "planted": planted, "schedule": schedule,
-    "sorting": sorting, "minilm": minilm,
+    "sorting": sorting, "decay": decay, "minilm": minilm,
 }
 
 

@@ -57,7 +57,7 @@ class Setting:
     lr: float = 1e-4
     master: str = "fp32"  # fp32 | none (full fine-tuning only; LoRA adapters follow `adapters`)
     rounding: str = "nearest"  # nearest | stochastic (used by master none)
-    schedule: str = "constant"  # constant | cosine (linear warmup, cosine to lr_min)
+    schedule: str = "constant"  # constant | cosine | linear (linear warmup, then cosine or linear decay to lr_min)
     warmup: float = 0.1  # fraction of the run
     lr_min: float = 1e-6
     scope: str = "auto"  # auto | all | linear: which parameters the format applies to
@@ -99,8 +99,12 @@ class Setting:
         warm = max(1, math.ceil(self.warmup * total))
         if step < warm:
             return self.lr * (step + 1) / warm
-        t = (step - warm) / max(1, total - warm)
-        return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * min(1.0, t)))
+        t = min(1.0, (step - warm) / max(1, total - warm))
+        if self.schedule == "linear":
+            return self.lr_min + (self.lr - self.lr_min) * (1.0 - t)
+        if self.schedule != "cosine":
+            raise ValueError(f"unknown schedule {self.schedule!r}")
+        return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1 + math.cos(math.pi * t))
 
 
 @dataclass
