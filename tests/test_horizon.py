@@ -24,8 +24,10 @@ from hallway_audit.probe.horizon import (
     lora_acceleration,
     lora_kappa,
     master_cells_changed,
+    relative_efficiency,
     rounding_efficiency,
     sr_moved_at_least_once,
+    weighted_forecast,
 )
 from hallway_audit.probe.stats import wilson_interval
 
@@ -106,6 +108,44 @@ def test_nearest_rounding_stalls_where_the_decayed_step_drops_below_half_a_ulp()
     assert 0.3 < f.run_realized < 1.0
     constant = forecast_by_steps(hist, [1.0] * 50, 0.01)
     assert constant.stall_step is None and constant.run_realized == pytest.approx(1.0)
+
+
+def test_the_model_stalls_when_the_layers_that_carry_the_gradient_stall():
+    """fp8 without master weights quantizes the linear layers; norms, embeddings and head
+    stay fp32 and accumulate. A linear layer that realizes little of its step even at the
+    peak (most steps under half a ULP) but carries 60% of the gradient: the model's
+    realized fraction is the share-weighted mean of the layers' (relative to each one's
+    peak), so the model stalls once that mean stays under 1/2, and is not diluted by the
+    fp32 layers whose realized movement is larger at the peak (mixing the histograms,
+    0.3's rule, forecast no stall here; on the held-out decay subject it forecast 193-200
+    where training fell below half its fp32-master twin's rate at 100-130). A layer that
+    does not move at the peak is left out."""
+    scales = Schedule("cosine", steps=200, warmup=20, lr_min=1e-6).factor_array(1e-3)
+    coarse = [0.0] * 14
+    coarse[5], coarse[6] = 95.0, 5.0  # [1/4, 1/2) and [1/2, 1): 5% cross at the peak
+    fine = [0.0] * 14
+    fine[-1] = 100.0  # fp32: every step moves the weight
+    frozen = [0.0] * 14
+    frozen[2] = 100.0  # under 1/8 ULP: never crosses, not even at the peak
+    alone = forecast_by_steps(coarse, scales, 0.01)
+    assert alone.stall_step is not None and 20 < alone.stall_step < 200
+    rel = relative_efficiency(coarse, scales)
+    assert rel is not None and relative_efficiency(frozen, scales) is None
+    hists = {name: torch.tensor(h) for name, h in (("linear", coarse), ("embed", fine), ("norm", frozen))}
+    forecasts = {"linear": alone, "embed": forecast_by_steps(fine, scales, 0.01),
+                 "norm": forecast_by_steps(frozen, scales, 0.01)}
+    model = weighted_forecast(forecasts, {"linear": 0.6, "embed": 0.35, "norm": 0.05}, hists, scales, 32, 0.01, True,
+                              {"linear": rel, "norm": None})
+    assert model is not None and model.stall_step is not None
+    mean = (0.6 * rel + 0.35) / 0.95  # the norm frozen at the peak is left out
+    assert mean[model.stall_step - 1] >= STALL_EFFICIENCY and all(mean[model.stall_step:] < STALL_EFFICIENCY)
+    assert alone.stall_step < model.stall_step < 200  # later than the layer alone: 37% of the share goes on
+    assert model.run_realized == pytest.approx((0.6 * alone.run_realized + 0.35) / 0.95)
+    # the linear layer carrying less than half: the fp32 embedding keeps the model moving
+    light = weighted_forecast(forecasts, {"linear": 0.3, "embed": 0.7, "norm": 0.0}, hists, scales, 32, 0.01, True,
+                              {"linear": rel, "norm": None})
+    assert light is not None and light.stall_step is None
+    assert light.run_realized == pytest.approx(0.3 * alone.run_realized + 0.7)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "fp8_e4m3"])

@@ -427,14 +427,15 @@ def run_burst(
     scales = schedule.factor_array(setting.optimizer.lr)
     # without the values no gradient reached: an unused embedding row is not stuck by the format
     hists = {layer: d.moving_hist() for layer, d in layers.items()}
-    forecasts = forecast_layers(real, start_stored, start_phi, hists, layer_of, scales, options.steps, options.beta_floor)
+    forecasts, relative = forecast_layers(real, start_stored, start_phi, hists, layer_of, scales, options.steps,
+                                          options.beta_floor)
     for layer, f in forecasts.items():
         layers[layer].forecast = f
     # LoRA's drop grows as both factors move (B starts at 0): from the start gradient and the burst's steps
     kappa = lora_kappa(g_lora, real.lora, start_phi, real.phi, options.steps) if real.lora else 0.0
     stepwise = real.master == "none" and real.rounding == "nearest" and real.quantizes
     model_forecast = weighted_forecast(forecasts, {k: d.grad_share or 0.0 for k, d in layers.items()}, hists, scales,
-                                       options.steps, options.beta_floor, stepwise)
+                                       options.steps, options.beta_floor, stepwise, relative)
     realized = model_forecast.run_realized if model_forecast else 1.0
     # LoRA's descent speeds up through the burst: the run goes on from the rate it ends at
     accel = lora_acceleration(initial_loss, [s.loss for s in steps]) if real.lora else 1.0

@@ -186,25 +186,43 @@ def rounding_efficiency(hist: Sequence[float], scales: Scales) -> np.ndarray:
     return out
 
 
-def forecast_by_steps(hist: Sequence[float], scales: Scales, floor: float) -> RunForecast:
-    """Nearest rounding, no master weights: a weight moves only at steps whose proposal
-    exceeds half a ULP, so each step's crossing rate is the shifted histogram; the run
-    stalls from the step after which every step realizes less than STALL_EFFICIENCY of
-    what it would at the peak lr's efficiency."""
+def relative_efficiency(hist: Sequence[float], scales: Scales) -> np.ndarray | None:
+    """eta(s_t) / eta(1) along the run: what nearest rounding realizes of each step,
+    relative to what it realizes at the peak lr. None when nothing moves at the peak."""
     f = np.asarray(scales, dtype=np.float64)
-    rates = beta_at_scales(hist, f)
-    if not len(rates):
-        return RunForecast(0.0, 0.0, 0, 0.0)
-    moving = rates > floor
     eta = rounding_efficiency(hist, np.concatenate([[1.0], f]))
-    peak, eta = eta[0], eta[1:]
-    relative = eta / peak if peak > 0 else np.zeros(len(f))
+    return eta[1:] / eta[0] if eta[0] > 0 else None
+
+
+def realized_and_stall(relative: np.ndarray | None, scales: Scales) -> tuple[float, int | None]:
+    """The run's lr budget realized relative to the peak's efficiency, and the stall step:
+    the step after which every step realizes less than STALL_EFFICIENCY of what it would
+    at the peak (None: it moves to the end; 0 with relative None: it never moves)."""
+    f = np.asarray(scales, dtype=np.float64)
+    if relative is None:
+        return 0.0, 0
     budget = float(f.sum())
     realized = float((f * relative).sum() / budget) if budget > 0 else 0.0
     working = np.flatnonzero(relative >= STALL_EFFICIENCY)
     last = int(working[-1]) if len(working) else -1
     stall = 0 if last < 0 else (last + 1 if last + 1 < len(f) else None)
-    return RunForecast(float(rates.max()), float(moving.mean()), stall, min(realized, 1.0))
+    return min(realized, 1.0), stall
+
+
+def forecast_by_steps(hist: Sequence[float], scales: Scales, floor: float,
+                      relative: np.ndarray | None = None) -> RunForecast:
+    """Nearest rounding, no master weights: a weight moves only at steps whose proposal
+    exceeds half a ULP, so each step's crossing rate is the shifted histogram; the run
+    stalls from the step after which every step realizes less than STALL_EFFICIENCY of
+    what it would at the peak lr's efficiency (`relative`: relative_efficiency, when the
+    caller has it)."""
+    f = np.asarray(scales, dtype=np.float64)
+    rates = beta_at_scales(hist, f)
+    if not len(rates):
+        return RunForecast(0.0, 0.0, 0, 0.0)
+    moving = rates > floor
+    realized, stall = realized_and_stall(relative if relative is not None else relative_efficiency(hist, f), f)
+    return RunForecast(float(rates.max()), float(moving.mean()), stall, realized)
 
 
 @torch.no_grad()
@@ -289,8 +307,10 @@ def forecast_layers(
     scales: Scales,
     burst_steps: int,
     floor: float,
-) -> dict[str, RunForecast]:
-    """Each trainable layer's RunForecast (hists: the burst's |delta|/ULP counts per layer).
+) -> tuple[dict[str, RunForecast], dict[str, np.ndarray | None]]:
+    """Each trainable layer's RunForecast (hists: the burst's |delta|/ULP counts per layer),
+    and for the layers stored on a lattice under nearest rounding without master weights
+    their relative_efficiency along the run (None: they do not move at the peak).
 
     Values that accumulate (fp32 master weights, values stored in fp32 such as PEFT's
     adapters) are forecast per weight from their drift over the burst; stored values
@@ -320,10 +340,12 @@ def forecast_layers(
             else:
                 stepped.add(layer)
     out: dict[str, RunForecast] = {}
+    relative: dict[str, np.ndarray | None] = {}
     for layer in {layer_of[n] for n in real.trainable}:
         hist = [float(x) / max(burst_steps, 1) for x in hists[layer].tolist()]
         if layer in stepped and real.rounding == "nearest":
-            out[layer] = forecast_by_steps(hist, scales, floor)
+            relative[layer] = relative_efficiency(hist, scales)
+            out[layer] = forecast_by_steps(hist, scales, floor, relative[layer])
         elif layer in stepped:
             moved = sr_moved_at_least_once(hist, scales)
             out[layer] = RunForecast(moved, 1.0 if moved > floor else 0.0, None if moved > floor else 0)
@@ -331,15 +353,23 @@ def forecast_layers(
             changed, count = drift.get(layer, (0, 0))
             frac = changed / count if count else 0.0
             out[layer] = RunForecast(frac, 1.0 if frac > floor else 0.0, None if frac > floor else 0)
-    return out
+    return out, relative
 
 
 def weighted_forecast(
     forecasts: dict[str, RunForecast], shares: dict[str, float], hists: dict[str, Tensor],
-    scales: Scales, burst_steps: int, floor: float, stepwise: bool,
+    scales: Scales, burst_steps: int, floor: float, stepwise: bool, relative: dict[str, np.ndarray | None],
 ) -> RunForecast | None:
     """The model's forecast with layers weighted by their share of the gradient: a setting
-    trains when the weights that carry the gradient can move, whatever a small norm does."""
+    trains when the weights that carry the gradient can move, whatever a small norm does.
+
+    Under nearest rounding without master weights (stepwise), the run's realized budget
+    and stall step weight each layer's relative efficiency (`relative`, from
+    forecast_layers) by its gradient share: the run stalls when the layers that carry the
+    gradient stop realizing their steps, even while small fp32 parameters beside them
+    (norms, embeddings and head under a coarse format's scope) go on. Layers absent from
+    `relative` accumulate their steps (efficiency 1); layers that do not move at the peak
+    are left out: the burst's drop holds nothing of them, and nothing changes later."""
     weight = {layer: shares.get(layer, 0.0) for layer in forecasts}
     total = sum(weight.values())
     if total <= 0:
@@ -355,5 +385,15 @@ def weighted_forecast(
         if n > 0 and weight[layer] > 0:
             for i, c in enumerate(counts):
                 mixed[i] += weight[layer] / total * c / n
-    by_steps = forecast_by_steps(mixed, scales, floor)
-    return RunForecast(beta_run, by_steps.run_moving, by_steps.stall_step, by_steps.run_realized)
+    f = np.asarray(scales, dtype=np.float64)
+    moving = float((beta_at_scales(mixed, f) > floor).mean()) if len(f) else 0.0
+    efficiency = np.zeros(len(f))
+    counted = 0.0
+    for layer in forecasts:
+        if weight[layer] <= 0 or (layer in relative and relative[layer] is None):
+            continue
+        rel = relative.get(layer)
+        efficiency += weight[layer] * (rel if rel is not None else 1.0)
+        counted += weight[layer]
+    realized, stall = realized_and_stall(efficiency / counted if counted > 0 else None, f)
+    return RunForecast(beta_run, moving, stall, realized)
