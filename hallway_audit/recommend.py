@@ -1,8 +1,8 @@
 """The practitioner rule as a choice: the cheapest setting that trains about as well as the best.
 
 Among the probed settings with no fired error rule, the recommendation is the
-cheapest (lowest rank, full fine-tuning last; then fewest bits) whose ranking score
-is within `REGRET` of the best passing score: the validation suite
+cheapest (lowest rank, full fine-tuning last; then fewest bits; between equally cheap
+ones the higher score) whose ranking score is within `REGRET` of the best passing score: the validation suite
 (validation/README.md) measures the regret this rule leaves. A PEFT LoraConfig for
 the recommended setting is complete (r, lora_alpha, target_modules, use_rslora, and
 fan_in_fan_out for GPT-2's Conv1D layers) so it can be pasted as is. A per-layer
@@ -89,9 +89,11 @@ def recommend(dynamic: DynamicResult, outcomes: list[Outcome]) -> Recommendation
         best = max(_score(r) for r in passing)
         floor = best - REGRET * abs(best) if math.isfinite(best) else -math.inf  # a best score may be negative
         near = [r for r in passing if _score(r) >= floor]
-        chosen = min(near, key=_cost)
-        reason = (f"the cheapest setting (lowest rank, then fewest bits) whose score is within {REGRET:.0%} "
-                  "of the best among the settings that pass every error rule")
+        # among equally cheap settings the better score: not the sweep's order (fp8 with and
+        # without master weights cost the same rank and bits)
+        chosen = min(near, key=lambda r: (_cost(r), -_score(r)))
+        reason = (f"the cheapest setting (lowest rank, then fewest bits; the higher score between equals) whose "
+                  f"score is within {REGRET:.0%} of the best among the settings that pass every error rule")
         focus = chosen
     else:
         chosen = None

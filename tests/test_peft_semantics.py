@@ -166,3 +166,30 @@ def test_recommendation_when_every_passing_loss_rose(tmp_path):
     rec = recommend(dyn, [])
     # scores -1.0, -1.1, -3.0: r4 is within 10% of |best|, r2 is not
     assert rec.setting == settings[1].id
+
+
+def test_recommendation_between_equally_cheap_settings_takes_the_better_score():
+    """fp8 with and without master weights cost the same rank and bits: between equals the
+    higher score wins, whatever the sweep's order (before, the first listed won: on the
+    held-out decay subject int4 without master weights, 0.64 in training, over its
+    fp32-master twin, 0.74)."""
+    from hallway_audit.probe.horizon import RunForecast, Schedule
+    from hallway_audit.probe.result import SettingResult, StepRecord
+    from hallway_audit.probe.sweep import DynamicResult
+    from hallway_audit.recommend import _score, recommend
+
+    def result(master: str, losses: list[float]) -> SettingResult:
+        steps = [StepRecord(i, x, None, x, None, None, None, None, None, 0.0) for i, x in enumerate(losses)]
+        out = SettingResult(Setting(PrecisionStack("fp8_e4m3", master_weights=master), Subspace("full"),  # type: ignore[arg-type]
+                                    OptimizerSpec("adamw", 1e-3)),
+                            "t", 10, 1.0, None, steps, {}, [], None, 0.0, 0, 0, Schedule("constant", 8),
+                            RunForecast(1.0, 1.0, None))
+        out.horizon = 1.0  # score = progress
+        return out
+
+    for order in ((0, 1), (1, 0)):
+        pair = [result("none", [0.5, 0.45]), result("fp32", [0.5, 0.4])]  # scores 0.55 and 0.6: within 10%
+        assert [_score(r) for r in pair] == pytest.approx([0.55, 0.6])
+        settings = [pair[i] for i in order]
+        dyn = DynamicResult("m", "t", "c", "v", 10, 2, 10, BurstOptions(), "cpu", settings, 0.0)
+        assert recommend(dyn, []).setting == pair[1].id

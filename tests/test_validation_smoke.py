@@ -170,3 +170,17 @@ def test_the_real_model_task_pairs_each_sentence_with_its_persons_alias():
         person = next(p for p in people if a.startswith(p))
         assert b.lower().startswith(people[person].lower() + ",")  # the alias, never the description
         assert not any(word in b for word in person.split()[1:])
+
+
+def test_the_suites_chooser_takes_the_better_score_between_equally_cheap_settings():
+    """validation/report.py mirrors recommend.py: within 10% of the best score, the lowest
+    rank, then the fewest bits, then the higher score; grid order only without scores."""
+    import report
+
+    rows = [{"index": 0, "id": "int4 nomaster", "cost": [1e9, 4], "passes": True, "scores": {"score": 0.96}},
+            {"index": 1, "id": "int4 master", "cost": [1e9, 4], "passes": True, "scores": {"score": 0.99}},
+            {"index": 2, "id": "bf16 master", "cost": [1e9, 16], "passes": True, "scores": {"score": 1.0}}]
+    assert report.cheapest(rows, "passes", "score")["id"] == "int4 master"
+    assert report.cheapest(rows, "passes")["id"] == "int4 nomaster"  # no score: grid order
+    rows[1]["passes"] = False
+    assert report.cheapest(rows, "passes", "score")["id"] == "int4 nomaster"

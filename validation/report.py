@@ -41,14 +41,19 @@ def _f(x: float, digits: int = 3) -> str:
 def cheapest(rows: list[dict[str, Any]], passes: str, score: str | None = None) -> dict[str, Any] | None:
     """The tool's recommendation rule (hallway_audit/recommend.py): among the passing settings,
     those whose score is within REGRET of the best passing score (all, without scores), then the
-    lowest rank (full last), then the fewest bits, then grid order."""
+    lowest rank (full last), then the fewest bits, then the higher score (grid order without scores)."""
     ok = [r for r in rows if r.get(passes)]
     if score is not None:
         vals = [_score(r, score) for r in ok]
         if ok and any(math.isfinite(v) for v in vals):
             best = max(v for v in vals if math.isfinite(v))
             ok = [r for r, v in zip(ok, vals, strict=True) if math.isfinite(v) and v >= (1 - REGRET) * best]
-    return min(ok, key=lambda r: (r["cost"], r["index"])) if ok else None
+
+    def tie(r: dict[str, Any]) -> float:
+        v = _score(r, score) if score is not None else math.nan
+        return -v if math.isfinite(v) else math.inf
+
+    return min(ok, key=lambda r: (r["cost"], tie(r), r["index"])) if ok else None
 
 
 def _score(row: dict[str, Any], name: str) -> float:
