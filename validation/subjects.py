@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -473,6 +473,26 @@ def encoder() -> Subject:
     )
 
 
+def _encoder_decay_grid() -> list[Setting]:
+    cos = {"schedule": "cosine", "warmup": 0.1, "lr_min": 1e-6}
+    lin = {"schedule": "linear", "warmup": 0.1, "lr_min": 1e-6}
+    grid = []
+    for fmt, lr, sched in (("fp8_e4m3", 1e-3, cos), ("fp8_e4m3", 3e-4, cos), ("int4", 1e-3, cos),
+                           ("fp8_e4m3", 1e-3, lin), ("bf16", 1e-3, cos), ("bf16", 1e-4, cos)):
+        grid += [S(fmt, 0, lr=lr, master="none", **sched), S(fmt, 0, lr=lr, master="fp32", **sched)]
+    return grid
+
+
+def encoder_decay() -> Subject:
+    """Held out: the decay subject's question on another architecture (post-norm BERT with
+    biases, a contrastive loss), added after the share-weighted stall step was chosen."""
+    base = encoder()
+    return replace(
+        base, name="encoder-decay", settings=_encoder_decay_grid(), meta={"held_out": True},
+        description="held out: the encoder task under 10% warmup and cosine or linear decay to 1e-6; fp8 / int4 / bf16 "
+                    "without master weights beside their fp32-master twins")
+
+
 # ---------------------------------------------------------------- a real pretrained model (held out)
 
 # all-MiniLM-L6-v2 (sentence-transformers, 22.7M parameters), packaged for offline use by
@@ -574,7 +594,7 @@ class MissingSubject(RuntimeError):
 
 SUBJECTS: dict[str, Callable[[], Subject]] = {
     "reversal": reversal, "encoder": encoder, "planted": planted, "schedule": schedule,
-    "sorting": sorting, "decay": decay, "minilm": minilm,
+    "sorting": sorting, "decay": decay, "encoder-decay": encoder_decay, "minilm": minilm,
 }
 
 
