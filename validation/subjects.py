@@ -228,6 +228,24 @@ def sorting() -> Subject:
 # ---------------------------------------------------------------- held-out: decay
 
 
+def _planted_decay_grid() -> list[Setting]:
+    cos = {"schedule": "cosine", "warmup": 0.1, "lr_min": 1e-6}
+    lin = {"schedule": "linear", "warmup": 0.1, "lr_min": 1e-6}
+    grid = []
+    for fmt, lr, sched in (("fp8_e4m3", 1e-3, cos), ("fp8_e4m3", 3e-4, cos), ("int4", 3e-4, lin),
+                           ("fp8_e4m3", 3e-4, lin), ("bf16", 3e-4, cos), ("bf16", 1e-4, lin)):
+        grid += [S(fmt, 0, lr=lr, master="none", **sched), S(fmt, 0, lr=lr, master="fp32", **sched)]
+    return grid
+
+
+def planted_decay() -> Subject:
+    """Held out: the decay question on the planted-rank task, added before the stall step's
+    layer weights were changed from the squared gradient to Adam's descent share."""
+    return replace(planted(), name="planted-decay", settings=_planted_decay_grid(), meta={"held_out": True},
+                   description="held out: the planted-rank task under 10% warmup and cosine or linear decay to 1e-6; "
+                               "fp8 / int4 / bf16 without master weights beside their fp32-master twins")
+
+
 def _decay_grid() -> list[Setting]:
     """Coarse formats and bf16 without master weights under a decaying lr, each beside its
     fp32-master twin: where does the run stop improving, and does the audit say so?"""
@@ -594,7 +612,8 @@ class MissingSubject(RuntimeError):
 
 SUBJECTS: dict[str, Callable[[], Subject]] = {
     "reversal": reversal, "encoder": encoder, "planted": planted, "schedule": schedule,
-    "sorting": sorting, "decay": decay, "encoder-decay": encoder_decay, "minilm": minilm,
+    "sorting": sorting, "decay": decay, "encoder-decay": encoder_decay,
+    "planted-decay": planted_decay, "minilm": minilm,
 }
 
 
