@@ -225,23 +225,14 @@ def _record_adapter_crossings(
 
 
 def _record_grad_shares(g_full: dict[str, Tensor], real: Realization, layers: dict[str, LayerDynamics],
-                        layer_of: dict[str, str], optimizer: str) -> None:
-    """Each trainable layer's share of the squared gradient norm over what the setting trains
-    (grad_share), and of the first-order loss drop of one optimizer step (descent_share):
-    an SGD step -lr g drops the loss by lr ||g||^2, an Adam step, about lr sign(g) at the
-    start, by lr ||g||_1, which counts a large layer's many small entries that the squared
-    norm leaves to a small table with a few large ones."""
+                        layer_of: dict[str, str]) -> None:
+    """Each trainable layer's share of the squared gradient norm over what the setting trains."""
     sq: dict[str, float] = {}
-    l1: dict[str, float] = {}
     for name in real.trainable:
-        layer = layer_of[name]
-        sq[layer] = sq.get(layer, 0.0) + _sq(g_full[name])
-        l1[layer] = l1.get(layer, 0.0) + float(g_full[name].double().abs().sum())
-    descent = sq if optimizer == "sgd" else l1
-    total, total_descent = sum(sq.values()), sum(descent.values())
+        sq[layer_of[name]] = sq.get(layer_of[name], 0.0) + _sq(g_full[name])
+    total = sum(sq.values())
     for layer, v in sq.items():
         layers[layer].grad_share = v / total if total > 0 else None
-        layers[layer].descent_share = descent[layer] / total_descent if total_descent > 0 else None
 
 
 def _shadow_loss(real: Realization, evaluator: LossEvaluator, stored: dict[str, Tensor], batch: Batch) -> float | None:
@@ -319,7 +310,7 @@ def run_burst(
         # micro-batch gradient has rank <= its token count and would flatter low ranks.
         g_full, shares, no_shares = split_gradient(0, real, evaluator, module, train, now, micro.n, verdict)
         psi_rank = _rank_capture(params, g_full, real, layers, options.psi_target)
-        _record_grad_shares(g_full, real, layers, layer_of, setting.optimizer.kind)
+        _record_grad_shares(g_full, real, layers, layer_of)
         start_stored, start_phi = {k: v.clone() for k, v in stored.items()}, real.snapshot()
         shadow_start = _shadow_loss(real, evaluator, stored, eval_batch)
         report(BurstEvent(setting.id, "start", options.steps))
@@ -444,8 +435,7 @@ def run_burst(
     kappa = lora_kappa(g_lora, real.lora, start_phi, real.phi, options.steps) if real.lora else 0.0
     stepwise = real.master == "none" and real.rounding == "nearest" and real.quantizes
     model_forecast = weighted_forecast(forecasts, {k: d.grad_share or 0.0 for k, d in layers.items()}, hists, scales,
-                                       options.steps, options.beta_floor, stepwise, relative,
-                                       {k: d.descent_share or 0.0 for k, d in layers.items()})
+                                       options.steps, options.beta_floor, stepwise, relative)
     realized = model_forecast.run_realized if model_forecast else 1.0
     # LoRA's descent speeds up through the burst: the run goes on from the rate it ends at
     accel = lora_acceleration(initial_loss, [s.loss for s in steps]) if real.lora else 1.0

@@ -359,17 +359,15 @@ def forecast_layers(
 def weighted_forecast(
     forecasts: dict[str, RunForecast], shares: dict[str, float], hists: dict[str, Tensor],
     scales: Scales, burst_steps: int, floor: float, stepwise: bool, relative: dict[str, np.ndarray | None],
-    descent: dict[str, float] | None = None,
 ) -> RunForecast | None:
     """The model's forecast with layers weighted by their share of the gradient: a setting
     trains when the weights that carry the gradient can move, whatever a small norm does.
 
     Under nearest rounding without master weights (stepwise), the run's realized budget
     and stall step weight each layer's relative efficiency (`relative`, from
-    forecast_layers) by its share of the loss drop an optimizer step makes (`descent`,
-    else `shares`): the run stalls when the layers that make the descent stop realizing
-    their steps, even while small fp32 parameters beside them (norms, embeddings and head
-    under a coarse format's scope) go on. Layers absent from
+    forecast_layers) by its gradient share: the run stalls when the layers that carry the
+    gradient stop realizing their steps, even while small fp32 parameters beside them
+    (norms, embeddings and head under a coarse format's scope) go on. Layers absent from
     `relative` accumulate their steps (efficiency 1); layers that do not move at the peak
     are left out: the burst's drop holds nothing of them, and nothing changes later."""
     weight = {layer: shares.get(layer, 0.0) for layer in forecasts}
@@ -389,14 +387,13 @@ def weighted_forecast(
                 mixed[i] += weight[layer] / total * c / n
     f = np.asarray(scales, dtype=np.float64)
     moving = float((beta_at_scales(mixed, f) > floor).mean()) if len(f) else 0.0
-    step_weight = {layer: descent.get(layer, 0.0) for layer in forecasts} if descent else weight
     efficiency = np.zeros(len(f))
     counted = 0.0
     for layer in forecasts:
-        if step_weight[layer] <= 0 or (layer in relative and relative[layer] is None):
+        if weight[layer] <= 0 or (layer in relative and relative[layer] is None):
             continue
         rel = relative.get(layer)
-        efficiency += step_weight[layer] * (rel if rel is not None else 1.0)
-        counted += step_weight[layer]
+        efficiency += weight[layer] * (rel if rel is not None else 1.0)
+        counted += weight[layer]
     realized, stall = realized_and_stall(efficiency / counted if counted > 0 else None, f)
     return RunForecast(beta_run, moving, stall, realized)

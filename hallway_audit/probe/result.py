@@ -107,7 +107,6 @@ class LayerDynamics:
     # cannot move whatever the format: its crossings say nothing about the plan.
     grad_seen: bool = False
     grad_share: float | None = None  # share of the squared gradient over what the setting trains
-    descent_share: float | None = None  # share of one optimizer step's first-order loss drop (Adam: ||g||_1)
     forecast: RunForecast | None = None  # over the planned run (horizon.py)
     fan_in_fan_out: bool = False  # a Conv1D (weight stored (in, out)): PEFT's LoraConfig needs fan_in_fan_out
 
@@ -142,7 +141,6 @@ class LayerDynamics:
             "ulp_mass_above_half": _ratio(above, total) if moves else None,
             "p_t_surrogate": surrogate.p if surrogate and self.grad_seen else None,
             "grad_share": self.grad_share,
-            "descent_share": self.descent_share,
             "beta_run": self.forecast.beta_run if self.forecast and moves else None,
             "run_moving": self.forecast.run_moving if self.forecast and moves else None,
             "run_realized": self.forecast.run_realized if self.forecast and moves else None,
