@@ -228,34 +228,34 @@ def sorting() -> Subject:
 # ---------------------------------------------------------------- held-out: decay
 
 
-def _planted_decay_grid() -> list[Setting]:
-    cos = {"schedule": "cosine", "warmup": 0.1, "lr_min": 1e-6}
-    lin = {"schedule": "linear", "warmup": 0.1, "lr_min": 1e-6}
+def _twins(*cases: tuple[str, float, str]) -> list[Setting]:
+    """Each (format, peak lr, schedule) without master weights beside its fp32-master twin,
+    under 10% warmup and decay to 1e-6: where does the run stop improving, and does the
+    audit say so?"""
     grid = []
-    for fmt, lr, sched in (("fp8_e4m3", 1e-3, cos), ("fp8_e4m3", 3e-4, cos), ("int4", 3e-4, lin),
-                           ("fp8_e4m3", 3e-4, lin), ("bf16", 3e-4, cos), ("bf16", 1e-4, lin)):
-        grid += [S(fmt, 0, lr=lr, master="none", **sched), S(fmt, 0, lr=lr, master="fp32", **sched)]
+    for fmt, lr, schedule in cases:
+        plan = {"schedule": schedule, "warmup": 0.1, "lr_min": 1e-6}
+        grid += [S(fmt, 0, lr=lr, master="none", **plan), S(fmt, 0, lr=lr, master="fp32", **plan)]
     return grid
 
 
+def _planted_decay_grid() -> list[Setting]:
+    return _twins(("fp8_e4m3", 1e-3, "cosine"), ("fp8_e4m3", 3e-4, "cosine"), ("int4", 3e-4, "linear"),
+                  ("fp8_e4m3", 3e-4, "linear"), ("bf16", 3e-4, "cosine"), ("bf16", 1e-4, "linear"))
+
+
 def planted_decay() -> Subject:
-    """Held out: the decay question on the planted-rank task, added before the stall step's
-    layer weights were changed from the squared gradient to Adam's descent share."""
+    """Held out: the decay question on the planted-rank task, added before trying Adam's
+    descent share as the stall step's layer weight (tried, and reverted: README)."""
     return replace(planted(), name="planted-decay", settings=_planted_decay_grid(), meta={"held_out": True},
                    description="held out: the planted-rank task under 10% warmup and cosine or linear decay to 1e-6; "
                                "fp8 / int4 / bf16 without master weights beside their fp32-master twins")
 
 
 def _decay_grid() -> list[Setting]:
-    """Coarse formats and bf16 without master weights under a decaying lr, each beside its
-    fp32-master twin: where does the run stop improving, and does the audit say so?"""
-    cos = {"schedule": "cosine", "warmup": 0.1, "lr_min": 1e-6}
-    lin = {"schedule": "linear", "warmup": 0.1, "lr_min": 1e-6}
-    grid = []
-    for fmt, lr, sched in (("fp8_e4m3", 1e-3, cos), ("fp8_e4m3", 3e-4, cos), ("int4", 1e-3, cos), ("int4", 3e-4, cos),
-                           ("fp8_e4m3", 1e-3, lin), ("bf16", 1e-3, lin), ("bf16", 1e-4, lin), ("bf16", 3e-4, cos)):
-        grid += [S(fmt, 0, lr=lr, master="none", **sched), S(fmt, 0, lr=lr, master="fp32", **sched)]
-    return grid
+    return _twins(("fp8_e4m3", 1e-3, "cosine"), ("fp8_e4m3", 3e-4, "cosine"), ("int4", 1e-3, "cosine"),
+                  ("int4", 3e-4, "cosine"), ("fp8_e4m3", 1e-3, "linear"), ("bf16", 1e-3, "linear"),
+                  ("bf16", 1e-4, "linear"), ("bf16", 3e-4, "cosine"))
 
 
 def decay() -> Subject:
@@ -492,13 +492,8 @@ def encoder() -> Subject:
 
 
 def _encoder_decay_grid() -> list[Setting]:
-    cos = {"schedule": "cosine", "warmup": 0.1, "lr_min": 1e-6}
-    lin = {"schedule": "linear", "warmup": 0.1, "lr_min": 1e-6}
-    grid = []
-    for fmt, lr, sched in (("fp8_e4m3", 1e-3, cos), ("fp8_e4m3", 3e-4, cos), ("int4", 1e-3, cos),
-                           ("fp8_e4m3", 1e-3, lin), ("bf16", 1e-3, cos), ("bf16", 1e-4, cos)):
-        grid += [S(fmt, 0, lr=lr, master="none", **sched), S(fmt, 0, lr=lr, master="fp32", **sched)]
-    return grid
+    return _twins(("fp8_e4m3", 1e-3, "cosine"), ("fp8_e4m3", 3e-4, "cosine"), ("int4", 1e-3, "cosine"),
+                  ("fp8_e4m3", 1e-3, "linear"), ("bf16", 1e-3, "cosine"), ("bf16", 1e-4, "cosine"))
 
 
 def encoder_decay() -> Subject:
