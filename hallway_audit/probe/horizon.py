@@ -209,20 +209,23 @@ def realized_and_stall(relative: np.ndarray | None, scales: Scales) -> tuple[flo
     return min(realized, 1.0), stall
 
 
-def forecast_by_steps(hist: Sequence[float], scales: Scales, floor: float,
-                      relative: np.ndarray | None = None) -> RunForecast:
+def forecast_by_steps(hist: Sequence[float], scales: Scales, floor: float) -> RunForecast:
     """Nearest rounding, no master weights: a weight moves only at steps whose proposal
     exceeds half a ULP, so each step's crossing rate is the shifted histogram; the run
     stalls from the step after which every step realizes less than STALL_EFFICIENCY of
-    what it would at the peak lr's efficiency (`relative`: relative_efficiency, when the
-    caller has it)."""
+    what it would at the peak lr's efficiency."""
+    return _forecast_by_steps(hist, scales, floor, relative_efficiency(hist, scales))
+
+
+def _forecast_by_steps(hist: Sequence[float], scales: Scales, floor: float, relative: np.ndarray | None) -> RunForecast:
+    """forecast_by_steps with the layer's relative_efficiency already computed (the model's
+    forecast reuses it)."""
     f = np.asarray(scales, dtype=np.float64)
     rates = beta_at_scales(hist, f)
     if not len(rates):
         return RunForecast(0.0, 0.0, 0, 0.0)
-    moving = rates > floor
-    realized, stall = realized_and_stall(relative if relative is not None else relative_efficiency(hist, f), f)
-    return RunForecast(float(rates.max()), float(moving.mean()), stall, realized)
+    realized, stall = realized_and_stall(relative, f)
+    return RunForecast(float(rates.max()), float((rates > floor).mean()), stall, realized)
 
 
 @torch.no_grad()
@@ -345,7 +348,7 @@ def forecast_layers(
         hist = [float(x) / max(burst_steps, 1) for x in hists[layer].tolist()]
         if layer in stepped and real.rounding == "nearest":
             relative[layer] = relative_efficiency(hist, scales)
-            out[layer] = forecast_by_steps(hist, scales, floor, relative[layer])
+            out[layer] = _forecast_by_steps(hist, scales, floor, relative[layer])
         elif layer in stepped:
             moved = sr_moved_at_least_once(hist, scales)
             out[layer] = RunForecast(moved, 1.0 if moved > floor else 0.0, None if moved > floor else 0)
