@@ -344,7 +344,7 @@ def forecast_layers(
                 stepped.add(layer)
     out: dict[str, RunForecast] = {}
     relative: dict[str, np.ndarray | None] = {}
-    for layer in {layer_of[n] for n in real.trainable}:
+    for layer in dict.fromkeys(layer_of[n] for n in real.trainable):  # in model order: sums over layers come out the same in every process
         hist = [float(x) / max(burst_steps, 1) for x in hists[layer].tolist()]
         if layer in stepped and real.rounding == "nearest":
             relative[layer] = relative_efficiency(hist, scales)
