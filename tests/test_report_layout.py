@@ -163,13 +163,19 @@ def test_plus_n_more_when_rows_are_cut(docs):
     doc = docs["example"]
     n_layers = len(doc["static"]["layers"])
     n_findings = len(doc["findings"])
+    rows = len({(f["rule"], f["setting"], f["scope"]) for f in doc["findings"]})
+    assert 3 < rows < n_findings  # the example both groups findings and has more rows than 3
     text = _table(doc, 120, max_rows=3)
     assert f"+{n_layers - 3} more layers (--max-rows 0 shows all)" in text
-    assert f"+{n_findings - 3} more findings" in text
+    shown = text[text.index("Findings:"):]
+    counts = [int(line.split()[1]) for line in shown.splitlines() if line.split()[:1] in (["error"], ["warning"], ["info"])]
+    assert len(counts) == 3
+    assert f"+{rows - 3} more rows ({n_findings - sum(counts)} findings; --max-rows 0 shows all)" in text
     everything = _table(doc, 120, max_rows=0)
-    assert "more layers" not in everything
-    rows_shown = len({(f["rule"], f["setting"], f["scope"]) for f in doc["findings"]})
-    assert f"+{n_findings - rows_shown} more findings (n: findings in the row;" in everything  # cut by grouping
+    assert "more layers" not in everything and "more rows" not in everything
+    # grouping folds findings into rows: said as such, never as "+N more" (nothing is hidden)
+    assert f"{n_findings} findings in {rows} rows (n: findings a row stands for" in everything
+    assert "more findings" not in everything
     md = get_formatter("markdown").render(doc, RenderOptions(max_rows=3))
     assert f"_+{n_layers - 3} more layers" in md and f"_+{n_findings - 3} more findings" in md
 

@@ -172,12 +172,12 @@ def _findings(doc: Doc, options: RenderOptions) -> Table | None:
         message.cells.append(_t(text))
     cols = [severity, count, rule] + ([setting] if own_column else []) + [message]
     total = len(doc["findings"])
-    hidden = total - len(shown)
     caption = []
-    if hidden:
-        more_groups = len(groups) - len(shown)
-        where = f"; {more_groups} more rows: --max-rows 0 shows all" if more_groups else ""
-        caption.append(f"+{hidden} more findings (n: findings in the row{where}; --format json lists every finding)")
+    cut = groups[len(shown):]
+    if cut:  # rows left out by --max-rows, as rows and as the findings they stand for
+        caption.append(f"+{len(cut)} more rows ({sum(g.count for g in cut)} findings; --max-rows 0 shows all)")
+    if len(groups) < total:  # a row stands for several findings: say so, not "+N more" (nothing else is hidden)
+        caption.append(f"{total} findings in {len(groups)} rows (n: findings a row stands for; --format json lists each)")
     return fitted_table(f"Findings: {total}, one line per rule and setting", cols, options.width, caption)
 
 
