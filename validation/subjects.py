@@ -271,6 +271,69 @@ def decay() -> Subject:
     )
 
 
+# ---------------------------------------------------------------- held-out: another architecture
+
+GPT2_ATTENTION = ("c_attn", "attn.c_proj")
+
+
+def _pretrain_gpt2(out: Path, steps: int = 300) -> None:
+    """A tiny GPT-2 (Conv1D linear layers, learned position embeddings, LayerNorm with bias,
+    lm_head tied to the token embeddings) trained on the copy task as the tiny Llama was."""
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tiny = _tiny()
+    config = GPT2Config(vocab_size=tiny.VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, n_inner=176,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tiny.SEP, eos_token_id=tiny.SEP)
+    model = GPT2LMHeadModel(config)
+    losses_ = tiny.train(model, steps, 0)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps({"steps": steps, "final_copy_loss": losses_[-1]}))
+
+
+def _gpt2_grid() -> list[Setting]:
+    return [
+        S("fp32", 0, lr=1e-3),
+        S("fp32", 0, lr=1e-4),
+        S("bf16", 0, lr=1e-4, master="none"),
+        S("bf16", 0, lr=1e-5, master="none"),
+        S("bf16", 0, lr=1e-5, master="fp32"),
+        S("fp8_e4m3", 0, lr=1e-4, master="fp32"),
+        S("fp8_e4m3", 0, lr=1e-4, master="none"),
+        S("int4", 0, lr=1e-4, master="none"),
+        S("bf16", 1, lr=1e-3),
+        S("bf16", 4, lr=1e-3),
+        S("bf16", 16, lr=1e-3),
+        S("bf16", 4, "attention", lr=1e-3),
+        S("nf4", 4, lr=1e-3),
+        S("bf16", 4, lr=1e-4),
+        S("bf16", 4, lr=1e-5),
+        S("fp8_e4m3", 0, lr=1e-3, master="none", schedule="cosine", warmup=0.1, lr_min=1e-6),
+    ]
+
+
+def gpt2() -> Subject:
+    """Held out: another architecture (added after every threshold and weighting was set, and used
+    to set nothing): GPT-2's linear layers are Conv1D, its lm_head is tied to the token table."""
+    out = Path(__file__).resolve().parent / "out" / "subjects" / "gpt2"
+
+    def build() -> None:
+        if not (out / "config.json").is_file():
+            _pretrain_gpt2(out)
+        if not (out / "calib.safetensors").is_file():
+            batch = sort_batch(32, torch.Generator().manual_seed(CALIB_SEED))
+            save_file(batch, str(out / "calib.safetensors"), metadata={"task": "sort 8 tokens"})
+
+    return Subject(
+        "gpt2", "held out: a tiny GPT-2 (Conv1D, tied lm_head) trained on the copy task, fine-tuned to sort 8 tokens",
+        out, out / "calib.safetensors", _hf_load(out, "GPT2LMHeadModel"), sort_batch, losses.causal_lm,
+        _gpt2_grid(), build=build, attention=GPT2_ATTENTION, meta={"held_out": True},
+    )
+
+
 # ---------------------------------------------------------------- planted rank
 
 # Planted where training needs the planted rank (validation/planted_identifiability.py):
@@ -608,7 +671,7 @@ class MissingSubject(RuntimeError):
 SUBJECTS: dict[str, Callable[[], Subject]] = {
     "reversal": reversal, "encoder": encoder, "planted": planted, "schedule": schedule,
     "sorting": sorting, "decay": decay, "encoder-decay": encoder_decay,
-    "planted-decay": planted_decay, "minilm": minilm,
+    "planted-decay": planted_decay, "gpt2": gpt2, "minilm": minilm,
 }
 
 

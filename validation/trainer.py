@@ -148,30 +148,44 @@ class RunResult:
         return cls(**d)
 
 
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2's linear layers): a linear layer whose weight is stored (in, out)."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def on_lattice(w: torch.Tensor, fmt_name: str, transposed: bool = False, rounding: str = "nearest",
+               gen: torch.Generator | None = None) -> torch.Tensor:
+    """Q_F(w); a Conv1D weight is quantized as the (out, in) matrix it acts as, so per-group
+    scales run along the input dimension as they do for nn.Linear."""
+    fmt = get_format(fmt_name)
+    return fmt.quantize(w.T, rounding, gen).T if transposed else fmt.quantize(w, rounding, gen)
+
+
 class FakeQuant(nn.Module):
     """Parametrization: the forward sees Q_F(w), the gradient passes straight through."""
 
-    def __init__(self, fmt_name: str) -> None:
+    def __init__(self, fmt_name: str, transposed: bool = False) -> None:
         super().__init__()
-        self.fmt = get_format(fmt_name)
+        self.fmt_name, self.transposed = fmt_name, transposed
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            q = self.fmt.quantize(w)
+            q = on_lattice(w, self.fmt_name, self.transposed)
         return w + (q - w).detach()
 
 
-def quantize_(t: torch.Tensor, fmt_name: str, rounding: str = "nearest", gen: torch.Generator | None = None) -> None:
+def quantize_(t: torch.Tensor, fmt_name: str, rounding: str = "nearest", gen: torch.Generator | None = None,
+              transposed: bool = False) -> None:
     """Write Q_F(t) into t (the stored weight lives on F's lattice)."""
     with torch.no_grad():
-        t.copy_(get_format(fmt_name).quantize(t, rounding, gen))
+        t.copy_(on_lattice(t, fmt_name, transposed, rounding, gen))
 
 
 def linear_names(model: nn.Module, heads: tuple[str, ...]) -> list[str]:
-    """Module paths of the nn.Linear layers, the output head(s) excluded (PEFT's all-linear)."""
+    """Module paths of the linear layers (nn.Linear, Conv1D), the output head(s) excluded (PEFT's all-linear)."""
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and not any(name == h or name.endswith("." + h) for h in heads):
+        if (isinstance(m, nn.Linear) or is_conv1d(m)) and not any(name == h or name.endswith("." + h) for h in heads):
             out.append(name)
     return out
 
@@ -220,7 +234,9 @@ def _lora(model: nn.Module, subject: Subject, setting: Setting) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     names = target_names(model, setting.targets, subject.heads, subject.attention)
-    config = LoraConfig(r=setting.rank, lora_alpha=setting.rank, lora_dropout=0.0, target_modules=names, bias="none")
+    mods = dict(model.named_modules())
+    config = LoraConfig(r=setting.rank, lora_alpha=setting.rank, lora_dropout=0.0, target_modules=names, bias="none",
+                        fan_in_fan_out=any(is_conv1d(mods[n]) for n in names))
     return get_peft_model(model, config)
 
 
@@ -244,10 +260,10 @@ def train(subject: Subject, setting: Setting, seed: int, steps: int, eval_every:
     result.quantized = sum(getattr(m, a).numel() for m, a in quant)
 
     adapters: list[nn.Parameter] = []
-    master_params: list[nn.Parameter] = []
+    master_params: list[tuple[nn.Parameter, bool]] = []  # (weight on F's lattice, stored transposed)
     if setting.rank:
         for m, a in quant:  # base stored in F, frozen
-            quantize_(getattr(m, a), setting.precision)
+            quantize_(getattr(m, a), setting.precision, transposed=is_conv1d(m) and a == "weight")
         model = _lora(model, subject, setting)
         adapters = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
         params = adapters
@@ -257,10 +273,10 @@ def train(subject: Subject, setting: Setting, seed: int, steps: int, eval_every:
     else:
         for m, a in quant:
             if setting.master == "none":
-                quantize_(getattr(m, a), setting.precision)
-            parametrize.register_parametrization(m, a, FakeQuant(setting.precision))
+                quantize_(getattr(m, a), setting.precision, transposed=is_conv1d(m) and a == "weight")
+            parametrize.register_parametrization(m, a, FakeQuant(setting.precision, is_conv1d(m) and a == "weight"))
         if setting.master == "none":
-            master_params = [m.parametrizations[a].original for m, a in quant]
+            master_params = [(m.parametrizations[a].original, is_conv1d(m) and a == "weight") for m, a in quant]
         params = [p for p in model.parameters() if p.requires_grad]
     result.trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=setting.lr_at(0, total), weight_decay=0.0)
@@ -280,8 +296,8 @@ def train(subject: Subject, setting: Setting, seed: int, steps: int, eval_every:
         loss.backward()
         opt.step()
         with torch.no_grad():
-            for p in master_params:  # the weight itself lives on F's lattice
-                p.copy_(get_format(setting.precision).quantize(p, setting.rounding, rgen))
+            for p, transposed in master_params:  # the weight itself lives on F's lattice
+                p.copy_(on_lattice(p, setting.precision, transposed, setting.rounding, rgen))
             if setting.rank and setting.adapters != "fp32":
                 for p in adapters:
                     p.copy_(get_format(setting.adapters).quantize(p, setting.rounding, rgen))
