@@ -105,7 +105,7 @@ _METRICS: tuple[Metric, ...] = (
     Metric("stall_lr", _M, "dynamic", "the scheduled lr at stall_step (the final lr when they move to the end)"),
     Metric("train_steps", _M, "dynamic", "length of the planned run the forecast looks ahead to"),
     Metric("score", _M, "dynamic", "predicted relative loss drop over the planned run: the burst's drop compounded over the run's horizon (ranks settings)"),
-    Metric("score_growth", _M, "dynamic", "score over horizon_growth: the optimistic forecast a LoRA setting must reach to pass (the gate's floor; equal to score otherwise)"),
+    Metric("score_growth", _M, "dynamic", "score over horizon_growth: LoRA's optimistic bound, growth carried through the run (reported, gates nothing; equal to score otherwise)"),
 )
 
 METRICS: dict[str, Metric] = {m.name: m for m in _METRICS}

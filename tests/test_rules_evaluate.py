@@ -318,23 +318,25 @@ def test_a_loss_that_barely_moves_fails_and_one_that_rises_warns() -> None:
 
 
 def test_lora_settings_have_their_own_score_floor() -> None:
-    """Adapters start at B = 0 and the burst under-forecasts them at low lr: the suite put
-    LoRA's floor at progress_min_lora (1.5%), full fine-tuning's at progress_min (8%), both on
-    score_growth (LoRA's growth carried through the run), not on the ranking score."""
+    """Adapters start at B = 0 and a LoRA burst drops the loss less: the suite put LoRA's
+    floor at progress_min_lora (1.5%), full fine-tuning's at progress_min (8%), both on the
+    ranking score. score_growth (LoRA's growth carried through the run) gates nothing: on
+    the held-out GPT-2, r4 at lr 1e-4 scored 0.011 with a growth bound of 0.016 and stayed
+    stuck (0.004 over 200 steps)."""
     rs = load_rules(["default.yaml"])
     assert rs.vars["progress_min_lora"] < rs.vars["progress_min"]
     run = {"lr": 1e-4, "format": "bf16", "train_steps": 200, "beta_run": 1.0, "run_moving": 1.0, "run_realized": 1.0,
            "progress_lo": None, "progress_hi": None}
-    # (kind, score_growth, score): a LoRA take-off the ranking score under-forecasts still passes
-    cases = {("lora", 0.03, 0.01): 1, ("full", 0.03, 0.03): 0, ("lora", 0.005, 0.005): 1, ("full", 0.2, 0.2): 0}
-    subjects = [Subject("model", f"{kind}-{growth}", None, {**run, "lora": lora, "score": score, "score_growth": growth,
-                                                           "progress": score / 10})
+    # (kind, score_growth, score)
+    cases = {("lora", 0.05, 0.03): 1, ("full", 0.03, 0.03): 0, ("lora", 0.0162, 0.0113): 1, ("full", 0.2, 0.2): 0}
+    subjects = [Subject("model", f"{kind}-{score}", None, {**run, "lora": lora, "score": score, "score_growth": growth,
+                                                          "progress": score / 10})
                 for (kind, growth, score), lora in cases.items()]
     out = evaluate(rs, subjects)
     stuck = {o.subject.setting: o.status for o in by_rule(out, "loss-does-not-drop")}
     trains = {o.subject.setting: o.status for o in by_rule(out, "setting-trains")}
-    assert stuck == {"lora-0.03": "passed", "full-0.03": "fired", "lora-0.005": "fired", "full-0.2": "passed"}
-    assert trains == {"lora-0.03": "fired", "full-0.03": "passed", "lora-0.005": "passed", "full-0.2": "fired"}
+    assert stuck == {"lora-0.03": "passed", "full-0.03": "fired", "lora-0.0113": "fired", "full-0.2": "passed"}
+    assert trains == {"lora-0.03": "fired", "full-0.03": "passed", "lora-0.0113": "passed", "full-0.2": "fired"}
 
 
 def test_few_crossing_weights_warn_and_the_loss_decides() -> None:
