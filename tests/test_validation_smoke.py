@@ -184,3 +184,50 @@ def test_the_suites_chooser_takes_the_better_score_between_equally_cheap_setting
     assert report.cheapest(rows, "passes")["id"] == "int4 nomaster"  # no score: grid order
     rows[1]["passes"] = False
     assert report.cheapest(rows, "passes", "score")["id"] == "int4 nomaster"
+
+
+def _tiny_gpt2():
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=32, n_embd=64, n_layer=1, n_head=4, n_inner=128,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def test_the_trainer_quantizes_gpt2_conv1d_weights_as_the_matrix_they_act_as():
+    """GPT-2's linear layers are Conv1D (weight stored (in, out)). The trainer quantizes them
+    where frameworks do (the linear scope) and groups per-group scales along the input, as
+    for nn.Linear: the stored weight's transpose is on the int4 lattice, the weight as
+    stored is not (its groups would run along the output)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import subjects
+    import torch
+    import trainer
+
+    from hallway_audit.lattice import get_format
+
+    model = _tiny_gpt2()
+    assert trainer.linear_names(model, ("lm_head",)) == [
+        "transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+        "transformer.h.0.mlp.c_proj"]
+    setting = trainer.Setting("int4", 0, lr=1e-4, master="none")
+    quant = trainer.quantized_params(model, setting, ("lm_head",))
+    assert len(quant) == 4 and all(trainer.is_conv1d(m) and a == "weight" for m, a in quant)
+    int4 = get_format("int4")
+    for m, a in quant:
+        w = getattr(m, a)
+        trainer.quantize_(w, "int4", transposed=True)
+        assert torch.equal(int4.quantize(w.detach().T), w.detach().T)  # on the lattice as (out, in)
+        assert not torch.equal(int4.quantize(w.detach()), w.detach())  # not as stored
+    # LoRA on Conv1D targets: PEFT told the weight is (in, out); at B = 0 the forward is the base's
+    base = _tiny_gpt2()
+    ids = torch.randint(2, 32, (2, 9))
+    want = base(input_ids=ids).logits
+    subject = subjects.SUBJECTS["gpt2"]()
+    peft_model = trainer._lora(base, subject, trainer.Setting("bf16", 4, "attention", lr=1e-3))
+    adapted = [n for n, mod in peft_model.named_modules() if hasattr(mod, "lora_A") and trainer.is_conv1d(mod.base_layer)]
+    assert sorted(n.split("h.0.")[1] for n in adapted) == ["attn.c_attn", "attn.c_proj"]
+    assert all(peft_model.get_submodule(n).fan_in_fan_out for n in adapted)
+    assert torch.allclose(peft_model(input_ids=ids).logits, want, atol=1e-6)
