@@ -9,6 +9,7 @@ per-example shares), and end to end from a Hugging Face directory.
 
 from __future__ import annotations
 
+import ast
 import json
 import warnings
 
@@ -25,6 +26,7 @@ from hallway_audit.probe.engine import LossEvaluator
 from hallway_audit.probe.realize import Realization
 from hallway_audit.probe.shares import ExampleShares
 from hallway_audit.probe.targets import param_dict, parameter_universe, select_targets
+from hallway_audit.report.rows import peft_snippet
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,6 +144,11 @@ def test_gpt2_directory_audits_end_to_end_and_its_lora_config_builds(tmp_path, c
     assert all(layer["r_star"] for layer in setting["layers"] if layer["name"] in adapted)
     config = doc["recommendation"]["lora_config"]
     assert config["fan_in_fan_out"] is True
+    # the paste-ready line in the table and the Markdown is this config, key for key
+    for snippet in (peft_snippet(doc["recommendation"]), peft_snippet(doc["recommendation"], quote=repr)):
+        call = ast.parse(snippet, mode="eval").body
+        assert isinstance(call, ast.Call) and call.func.id == "LoraConfig" and not call.args
+        assert {k.arg: ast.literal_eval(k.value) for k in call.keywords} == config
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         wrapped = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), peft.LoraConfig(**config))

@@ -264,6 +264,22 @@ def peft_snippet(rec: Mapping[str, Any], quote: Callable[[str], str] = json.dump
     cfg = rec.get("lora_config")
     if not cfg:
         return None
-    targets = ", ".join(quote(str(t)) for t in cfg["target_modules"])
-    return (f"LoraConfig(r={cfg['r']}, lora_alpha={cfg['lora_alpha']:g}, target_modules=[{targets}], "
-            f"use_rslora={bool(cfg['use_rslora'])})")
+    # every key of the JSON config, so the pasted line is the config (fan_in_fan_out included)
+    first = [k for k in ("r", "lora_alpha", "target_modules", "use_rslora") if k in cfg]
+    keys = first + sorted(k for k in cfg if k not in first)
+    return "LoraConfig(" + ", ".join(f"{k}={_py(cfg[k], quote)}" for k in keys) + ")"
+
+
+def _py(value: Any, quote: Callable[[str], str]) -> str:
+    """A JSON value as the Python literal that evaluates to it."""
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, float):
+        return f"{value:g}" if value.is_integer() else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_py(v, quote) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{quote(str(k))}: {_py(v, quote)}" for k, v in value.items()) + "}"
+    if isinstance(value, int):
+        return str(value)
+    return quote(str(value))
