@@ -10,6 +10,10 @@ validation/out/subjects/NAME/ and fails in its own way:
                change in two known layers (rank verdicts can be checked);
 * schedule  -- the reversal task with warmup + cosine decay to 1e-6: bf16 without master
                weights stops moving as the lr decays, fp32 master weights do not.
+
+Held out (added after the thresholds were set; validation/README.md says what each was
+used for): sorting, decay, encoder-decay, planted-decay, gpt2 (another architecture:
+Conv1D layers, tied lm_head) and minilm (a real pretrained checkpoint, run when named).
 """
 
 from __future__ import annotations
