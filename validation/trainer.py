@@ -153,11 +153,15 @@ def is_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
-def on_lattice(w: torch.Tensor, fmt_name: str, transposed: bool = False, rounding: str = "nearest",
+def stored_transposed(m: nn.Module, attr: str) -> bool:
+    """Whether a parameter is a Conv1D weight, stored (in, out) for the (out, in) matrix it acts as."""
+    return attr == "weight" and is_conv1d(m)
+
+
+def on_lattice(fmt: Any, w: torch.Tensor, transposed: bool = False, rounding: str = "nearest",
                gen: torch.Generator | None = None) -> torch.Tensor:
-    """Q_F(w); a Conv1D weight is quantized as the (out, in) matrix it acts as, so per-group
-    scales run along the input dimension as they do for nn.Linear."""
-    fmt = get_format(fmt_name)
+    """Q_F(w) for a format from get_format; a Conv1D weight is quantized as the (out, in) matrix
+    it acts as, so per-group scales run along the input dimension as they do for nn.Linear."""
     return fmt.quantize(w.T, rounding, gen).T if transposed else fmt.quantize(w, rounding, gen)
 
 
@@ -166,11 +170,11 @@ class FakeQuant(nn.Module):
 
     def __init__(self, fmt_name: str, transposed: bool = False) -> None:
         super().__init__()
-        self.fmt_name, self.transposed = fmt_name, transposed
+        self.fmt, self.transposed = get_format(fmt_name), transposed
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            q = on_lattice(w, self.fmt_name, self.transposed)
+            q = on_lattice(self.fmt, w, self.transposed)
         return w + (q - w).detach()
 
 
@@ -178,7 +182,7 @@ def quantize_(t: torch.Tensor, fmt_name: str, rounding: str = "nearest", gen: to
               transposed: bool = False) -> None:
     """Write Q_F(t) into t (the stored weight lives on F's lattice)."""
     with torch.no_grad():
-        t.copy_(on_lattice(t, fmt_name, transposed, rounding, gen))
+        t.copy_(on_lattice(get_format(fmt_name), t, transposed, rounding, gen))
 
 
 def linear_names(model: nn.Module, heads: tuple[str, ...]) -> list[str]:
@@ -263,7 +267,7 @@ def train(subject: Subject, setting: Setting, seed: int, steps: int, eval_every:
     master_params: list[tuple[nn.Parameter, bool]] = []  # (weight on F's lattice, stored transposed)
     if setting.rank:
         for m, a in quant:  # base stored in F, frozen
-            quantize_(getattr(m, a), setting.precision, transposed=is_conv1d(m) and a == "weight")
+            quantize_(getattr(m, a), setting.precision, transposed=stored_transposed(m, a))
         model = _lora(model, subject, setting)
         adapters = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
         params = adapters
@@ -273,13 +277,14 @@ def train(subject: Subject, setting: Setting, seed: int, steps: int, eval_every:
     else:
         for m, a in quant:
             if setting.master == "none":
-                quantize_(getattr(m, a), setting.precision, transposed=is_conv1d(m) and a == "weight")
-            parametrize.register_parametrization(m, a, FakeQuant(setting.precision, is_conv1d(m) and a == "weight"))
+                quantize_(getattr(m, a), setting.precision, transposed=stored_transposed(m, a))
+            parametrize.register_parametrization(m, a, FakeQuant(setting.precision, stored_transposed(m, a)))
         if setting.master == "none":
-            master_params = [(m.parametrizations[a].original, is_conv1d(m) and a == "weight") for m, a in quant]
+            master_params = [(m.parametrizations[a].original, stored_transposed(m, a)) for m, a in quant]
         params = [p for p in model.parameters() if p.requires_grad]
     result.trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=setting.lr_at(0, total), weight_decay=0.0)
+    fmt = get_format(setting.precision)
 
     t_eval = time.perf_counter()
     result.heldout.append((0, evaluate(model, subject, heldout)))
@@ -297,7 +302,7 @@ def train(subject: Subject, setting: Setting, seed: int, steps: int, eval_every:
         opt.step()
         with torch.no_grad():
             for p, transposed in master_params:  # the weight itself lives on F's lattice
-                p.copy_(on_lattice(p, setting.precision, transposed, setting.rounding, rgen))
+                p.copy_(on_lattice(fmt, p, transposed, setting.rounding, rgen))
             if setting.rank and setting.adapters != "fp32":
                 for p in adapters:
                     p.copy_(get_format(setting.adapters).quantize(p, setting.rounding, rgen))
