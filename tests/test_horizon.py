@@ -29,6 +29,7 @@ from hallway_audit.probe.horizon import (
     sr_moved_at_least_once,
     weighted_forecast,
 )
+from hallway_audit.probe.result import EXTRAPOLATION_FLOOR, score
 from hallway_audit.probe.stats import wilson_interval
 
 
@@ -206,6 +207,24 @@ def test_effective_horizon():
     assert growth_horizon(flat, 8, kappa=0.01) == pytest.approx((400 + 0.01 * 400 ** 2) / (8 + 0.01 * 64))
     assert growth_horizon(flat, 8) == pytest.approx(effective_horizon(flat, 8))
     assert growth_horizon(flat, 0) == 0.0
+
+
+def test_score_compounds_the_burst_and_ranks_settings_that_exhaust_the_loss_by_their_drop():
+    # below the floor: the burst's drop compounded over the horizon, exactly
+    assert score(0.1, None, None, 6.25) == pytest.approx(1 - 0.9**6.25)
+    assert score(0.5, None, None, 0.5) == pytest.approx(1 - 0.5**0.5)  # a run shorter than the burst
+    assert score(-0.02, None, None, 6.25) == -0.02 and score(None, None, None, 6.25) is None
+    # past it: the remaining loss is EXTRAPOLATION_FLOOR of what the burst left, whatever the horizon
+    assert score(0.671, None, None, 7.20) == pytest.approx(1 - EXTRAPOLATION_FLOOR * 0.329)
+    assert score(0.671, None, None, 70.0) == score(0.671, None, None, 7.20)
+    # the planted subject's figures: nf4 LoRA r4 (burst drop 0.671, horizon 7.20, trains to
+    # 0.940) and attention-only r4 (0.610 with a larger acceleration, horizon 8.80, trains
+    # to 0.904). Compounded without the floor the attention-only plan ranked first.
+    assert 1 - 0.390**8.80 > 1 - 0.329**7.20
+    assert score(0.671, None, None, 7.20) > score(0.610, None, None, 8.80)
+    # a longer horizon never lowers the score (score_growth >= score)
+    values = [score(0.3, None, None, h) for h in (0.5, 1, 2, 4, 8, 16, 64)]
+    assert values == sorted(values)
 
 
 def test_lora_acceleration_is_the_late_rate_over_the_mean_rate():
