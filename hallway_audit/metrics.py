@@ -104,7 +104,7 @@ _METRICS: tuple[Metric, ...] = (
     Metric("stall_step", _LM, "dynamic", "the step of the planned run from which each step realizes less than half of what it would at the peak lr (train_steps: never)"),
     Metric("stall_lr", _M, "dynamic", "the scheduled lr at stall_step (the final lr when they move to the end)"),
     Metric("train_steps", _M, "dynamic", "length of the planned run the forecast looks ahead to"),
-    Metric("score", _M, "dynamic", "predicted relative loss drop over the planned run: the burst's drop compounded over the run's horizon (ranks settings)"),
+    Metric("score", _M, "dynamic", "predicted relative loss drop over the planned run: the burst's drop compounded over the run's horizon, down to 1% of the loss the burst leaves (ranks settings)"),
     Metric("score_growth", _M, "dynamic", "score over horizon_growth: LoRA's optimistic bound, growth carried through the run (reported, gates nothing; equal to score otherwise)"),
 )
 
