@@ -39,6 +39,11 @@ FAMILIES = {  # name -> (builder, the layers of block 0 each preset should pick)
         vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)),
         {"attention": {f"model.layers.0.self_attn.{k}" for k in ("q_proj", "k_proj", "v_proj", "dense")},
          "mlp": {"model.layers.0.mlp.fc1", "model.layers.0.mlp.fc2"}}),
+    "phi3": (lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(  # fused qkv_proj and gate_up_proj
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+        intermediate_size=64, pad_token_id=0)),
+        {"attention": {"model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj"},
+         "mlp": {"model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj"}}),
     "distilbert": (lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
         vocab_size=V, dim=32, n_layers=1, n_heads=4, hidden_dim=64)),
         {"attention": {f"distilbert.transformer.layer.0.attention.{k}" for k in ("q_lin", "k_lin", "v_lin", "out_lin")},

@@ -35,7 +35,7 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
                   "q_lin", "k_lin", "v_lin", "out_lin",  # DistilBERT
                   "SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",  # T5
                   "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v", "EncDecAttention.o"),
-    "mlp": ("gate_proj", "up_proj", "down_proj", "intermediate.dense", "output.dense", "fc1", "fc2", "c_fc",
+    "mlp": ("gate_proj", "up_proj", "gate_up_proj", "down_proj", "intermediate.dense", "output.dense", "fc1", "fc2", "c_fc",
             "mlp.c_proj", "w1", "w2", "w3",
             "dense_h_to_4h", "dense_4h_to_h", "ffn.lin1", "ffn.lin2",  # NeoX / Falcon, DistilBERT
             "DenseReluDense.wi", "DenseReluDense.wo", "DenseReluDense.wi_0", "DenseReluDense.wi_1"),  # T5
