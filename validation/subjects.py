@@ -13,7 +13,8 @@ validation/out/subjects/NAME/ and fails in its own way:
 
 Held out (added after the thresholds were set; validation/README.md says what each was
 used for): sorting, decay, encoder-decay, planted-decay, gpt2 (another architecture:
-Conv1D layers, tied lm_head) and minilm (a real pretrained checkpoint, run when named).
+Conv1D layers, tied lm_head), phi3 (fused qkv_proj / gate_up_proj) and minilm (a real
+pretrained checkpoint, run when named).
 """
 
 from __future__ import annotations
@@ -321,6 +322,51 @@ def gpt2() -> Subject:
         "gpt2", "held out: a tiny GPT-2 (Conv1D, tied lm_head) trained on the copy task, fine-tuned to sort 8 tokens",
         out, out / "calib.safetensors", _hf_load(out, "GPT2LMHeadModel"), sort_batch, losses.causal_lm,
         _gpt2_grid(), build=build, attention=GPT2_ATTENTION, meta={"held_out": True},
+    )
+
+
+# ---------------------------------------------------------------- held-out: fused projections
+
+PHI3_ATTENTION = ("qkv_proj", "o_proj")
+
+
+def _pretrain_phi3(out: Path, steps: int = 300) -> None:
+    """A tiny Phi-3 (fused qkv_proj and gate_up_proj, RMSNorm, untied lm_head) trained on the
+    copy task as the tiny Llama was."""
+    import transformers
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tiny = _tiny()
+    config = Phi3Config(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0,
+                        bos_token_id=tiny.SEP, eos_token_id=tiny.SEP)
+    model = Phi3ForCausalLM(config)
+    losses_ = tiny.train(model, steps, 0)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (out / "pretrain.json").write_text(json.dumps({"steps": steps, "final_copy_loss": losses_[-1]}))
+
+
+def phi3() -> Subject:
+    """Held out: fused projections (added after 0.4's last verdict change, used to set nothing):
+    one LoRA adapter spans q, k and v (or gate and up), and int4 groups run across them."""
+    out = Path(__file__).resolve().parent / "out" / "subjects" / "phi3"
+
+    def build() -> None:
+        if not (out / "config.json").is_file():
+            _pretrain_phi3(out)
+        if not (out / "calib.safetensors").is_file():
+            batch = reverse_batch(32, torch.Generator().manual_seed(CALIB_SEED))
+            save_file(batch, str(out / "calib.safetensors"), metadata={"task": "reverse 8 tokens"})
+
+    return Subject(
+        "phi3", "held out: a tiny Phi-3 (fused qkv_proj / gate_up_proj) trained on the copy task, fine-tuned to "
+        "reverse 8 tokens; the issue's grid",
+        out, out / "calib.safetensors", _hf_load(out, "Phi3ForCausalLM"), reverse_batch, losses.causal_lm,
+        _reversal_grid()[:18], build=build, attention=PHI3_ATTENTION, meta={"held_out": True},
     )
 
 
@@ -661,7 +707,7 @@ class MissingSubject(RuntimeError):
 SUBJECTS: dict[str, Callable[[], Subject]] = {
     "reversal": reversal, "encoder": encoder, "planted": planted, "schedule": schedule,
     "sorting": sorting, "decay": decay, "encoder-decay": encoder_decay,
-    "planted-decay": planted_decay, "gpt2": gpt2, "minilm": minilm,
+    "planted-decay": planted_decay, "gpt2": gpt2, "phi3": phi3, "minilm": minilm,
 }
 
 
