@@ -281,22 +281,42 @@ def decay() -> Subject:
 GPT2_ATTENTION = ("c_attn", "attn.c_proj")
 
 
-def _pretrain_gpt2(out: Path, steps: int = 300) -> None:
-    """A tiny GPT-2 (Conv1D linear layers, learned position embeddings, LayerNorm with bias,
-    lm_head tied to the token embeddings) trained on the copy task as the tiny Llama was."""
+def _pretrain_on_copy(out: Path, make_model: Callable[[Any], nn.Module], steps: int = 300) -> None:
+    """Train a tiny transformers model on the copy task as the tiny Llama was, and save it as a
+    Hugging Face directory; `make_model` builds it from make_tiny_llama's constants."""
     import transformers
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
     tiny = _tiny()
-    config = GPT2Config(vocab_size=tiny.VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, n_inner=176,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tiny.SEP, eos_token_id=tiny.SEP)
-    model = GPT2LMHeadModel(config)
+    model = make_model(tiny)
     losses_ = tiny.train(model, steps, 0)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     (out / "pretrain.json").write_text(json.dumps({"steps": steps, "final_copy_loss": losses_[-1]}))
+
+
+def _pretrained_build(out: Path, make_model: Callable[[Any], nn.Module], sample: Callable[[int, torch.Generator], Batch],
+                      task: str) -> Callable[[], None]:
+    """A held-out subject's build step: pretrain once, then write its calibration batch once."""
+    def build() -> None:
+        if not (out / "config.json").is_file():
+            _pretrain_on_copy(out, make_model)
+        if not (out / "calib.safetensors").is_file():
+            batch = sample(32, torch.Generator().manual_seed(CALIB_SEED))
+            save_file(batch, str(out / "calib.safetensors"), metadata={"task": task})
+
+    return build
+
+
+def _gpt2_model(tiny: Any) -> nn.Module:
+    """A tiny GPT-2: Conv1D linear layers, learned position embeddings, LayerNorm with bias,
+    lm_head tied to the token embeddings."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(vocab_size=tiny.VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4,
+                                      n_inner=176, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      bos_token_id=tiny.SEP, eos_token_id=tiny.SEP))
 
 
 def _gpt2_grid() -> list[Setting]:
@@ -310,14 +330,7 @@ def gpt2() -> Subject:
     """Held out: another architecture (added after every threshold and weighting was set, and used
     to set nothing): GPT-2's linear layers are Conv1D, its lm_head is tied to the token table."""
     out = Path(__file__).resolve().parent / "out" / "subjects" / "gpt2"
-
-    def build() -> None:
-        if not (out / "config.json").is_file():
-            _pretrain_gpt2(out)
-        if not (out / "calib.safetensors").is_file():
-            batch = sort_batch(32, torch.Generator().manual_seed(CALIB_SEED))
-            save_file(batch, str(out / "calib.safetensors"), metadata={"task": "sort 8 tokens"})
-
+    build = _pretrained_build(out, _gpt2_model, sort_batch, "sort 8 tokens")
     return Subject(
         "gpt2", "held out: a tiny GPT-2 (Conv1D, tied lm_head) trained on the copy task, fine-tuned to sort 8 tokens",
         out, out / "calib.safetensors", _hf_load(out, "GPT2LMHeadModel"), sort_batch, losses.causal_lm,
@@ -330,38 +343,22 @@ def gpt2() -> Subject:
 PHI3_ATTENTION = ("qkv_proj", "o_proj")
 
 
-def _pretrain_phi3(out: Path, steps: int = 300) -> None:
-    """A tiny Phi-3 (fused qkv_proj and gate_up_proj, RMSNorm, untied lm_head) trained on the
-    copy task as the tiny Llama was."""
-    import transformers
+def _phi3_model(tiny: Any) -> nn.Module:
+    """A tiny Phi-3: fused qkv_proj and gate_up_proj, RMSNorm, untied lm_head."""
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    tiny = _tiny()
-    config = Phi3Config(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0,
-                        bos_token_id=tiny.SEP, eos_token_id=tiny.SEP)
-    model = Phi3ForCausalLM(config)
-    losses_ = tiny.train(model, steps, 0)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    (out / "pretrain.json").write_text(json.dumps({"steps": steps, "final_copy_loss": losses_[-1]}))
+    return Phi3ForCausalLM(Phi3Config(vocab_size=tiny.VOCAB, hidden_size=64, intermediate_size=176,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                      max_position_embeddings=32, resid_pdrop=0.0, embd_pdrop=0.0,
+                                      attention_dropout=0.0, pad_token_id=0, bos_token_id=tiny.SEP,
+                                      eos_token_id=tiny.SEP))
 
 
 def phi3() -> Subject:
     """Held out: fused projections (added after 0.4's last verdict change, used to set nothing):
     one LoRA adapter spans q, k and v (or gate and up), and int4 groups run across them."""
     out = Path(__file__).resolve().parent / "out" / "subjects" / "phi3"
-
-    def build() -> None:
-        if not (out / "config.json").is_file():
-            _pretrain_phi3(out)
-        if not (out / "calib.safetensors").is_file():
-            batch = reverse_batch(32, torch.Generator().manual_seed(CALIB_SEED))
-            save_file(batch, str(out / "calib.safetensors"), metadata={"task": "reverse 8 tokens"})
-
+    build = _pretrained_build(out, _phi3_model, reverse_batch, "reverse 8 tokens")
     return Subject(
         "phi3", "held out: a tiny Phi-3 (fused qkv_proj / gate_up_proj) trained on the copy task, fine-tuned to "
         "reverse 8 tokens; the issue's grid",
