@@ -238,20 +238,18 @@ def test_phi3_attention_means_the_same_to_the_trainer_and_the_audit():
     (PEFT) and the audit's `--targets attention` must adapt the same modules, or the
     held-out phi3 subject would compare two different plans."""
     pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     import subjects
     import torch
     import trainer
 
     from hallway_audit.probe.targets import parameter_universe, select_targets
 
-    def tiny_phi3():
+    def tiny_phi3():  # the subject's own architecture, untrained
         torch.manual_seed(0)
-        return transformers.Phi3ForCausalLM(transformers.Phi3Config(
-            vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=4, pad_token_id=0))
+        return subjects._phi3_model(subjects._tiny())
 
     audit = {p.layer for p in select_targets(parameter_universe(tiny_phi3()), "attention")}
     peft_model = trainer._lora(tiny_phi3(), subjects.SUBJECTS["phi3"](), trainer.Setting("bf16", 4, "attention", lr=1e-3))
     adapted = {n.removeprefix("base_model.model.") for n, mod in peft_model.named_modules() if hasattr(mod, "lora_A")}
-    assert adapted == audit == {"model.layers.0.self_attn.qkv_proj", "model.layers.0.self_attn.o_proj"}
+    assert adapted == audit == {f"model.layers.{i}.self_attn.{m}" for i in (0, 1) for m in ("qkv_proj", "o_proj")}

@@ -134,6 +134,9 @@ def _reversal_grid() -> list[Setting]:
     ]
 
 
+ISSUE_GRID = 18  # the issue's tiny-llama grid: the first 18 settings of _reversal_grid()
+
+
 def reversal() -> Subject:
     d = EXAMPLES / "tiny-llama"
     return Subject(
@@ -363,7 +366,7 @@ def phi3() -> Subject:
         "phi3", "held out: a tiny Phi-3 (fused qkv_proj / gate_up_proj) trained on the copy task, fine-tuned to "
         "reverse 8 tokens; the issue's grid",
         out, out / "calib.safetensors", _hf_load(out, "Phi3ForCausalLM"), reverse_batch, losses.causal_lm,
-        _reversal_grid()[:18], build=build, attention=PHI3_ATTENTION, meta={"held_out": True},
+        _reversal_grid()[:ISSUE_GRID], build=build, attention=PHI3_ATTENTION, meta={"held_out": True},
     )
 
 
